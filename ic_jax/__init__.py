@@ -1,0 +1,1 @@
+"""ic_jax: IndexCache for DeepSeek Sparse Attention in JAX."""

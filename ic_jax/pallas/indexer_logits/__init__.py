@@ -1,0 +1,16 @@
+"""Indexer logits: one entry point over every implementation."""
+
+from __future__ import annotations
+
+from ic_jax.pallas import dispatch
+from ic_jax.pallas.indexer_logits import reference
+
+IMPLEMENTATIONS = {"xla": reference.indexer_logits}
+
+
+def indexer_logits(q, k, w, q_pos, kv_len, *, implementation: str | None = None, interpret: bool = False):
+    """See `reference.indexer_logits` for the contract; `implementation` picks the kernel."""
+    fn = dispatch.select("indexer_logits", implementation, IMPLEMENTATIONS)
+    if fn is reference.indexer_logits:
+        return fn(q, k, w, q_pos, kv_len)
+    return fn(q, k, w, q_pos, kv_len, interpret=interpret)
