@@ -42,12 +42,14 @@ class ModelConfig:
     indexer_hadamard: bool = True
     rope_interleave: bool = True
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
+    rope_scaling: tuple | None = None  # sorted (key, value) pairs: the config must stay hashable
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     dtype: str = "bfloat16"
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         problems = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -80,11 +82,15 @@ class ModelConfig:
     def softmax_scale(self) -> float:
         """MLA softmax scale, with the YaRN mscale correction when rope scaling is on."""
         scale = self.qk_head_dim**-0.5
-        rs = self.rope_scaling
-        if rs and rs.get("type", rs.get("rope_type")) == "yarn" and rs.get("mscale_all_dim"):
+        rs = self.rope_scaling_dict
+        if rs.get("type", rs.get("rope_type")) == "yarn" and rs.get("mscale_all_dim"):
             m = 0.1 * rs["mscale_all_dim"] * math.log(rs["factor"]) + 1.0
             scale *= m * m
         return scale
+
+    @property
+    def rope_scaling_dict(self) -> dict:
+        return dict(self.rope_scaling or ())
 
     def is_moe(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace and self.n_routed_experts > 0
@@ -93,7 +99,9 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = self.rope_scaling_dict or None
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":

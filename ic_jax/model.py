@@ -1,0 +1,201 @@
+"""The DSA transformer with an IndexCache pattern compiled into static scans over layer groups.
+
+A pattern such as FSSS on 8 MoE layers becomes one stage: a `jax.lax.scan` of length 2 over a group of
+four stacked blocks [F S S S]. Inside a group the F block runs the indexer and hands its top-k indices
+to the S blocks, which hold no indexer weights and no indexer key cache, so their trace has no indexer
+ops. The caches (latent c_kv, RoPE key, indexer key) are stacked the same way and updated in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from ic_jax.attention import MLA, Indexer, RunOptions, select_topk, sparse_attention
+from ic_jax.config import ModelConfig
+from ic_jax.layers import DenseFFN, MoE, RMSNorm, dtype_of, param
+from ic_jax.pattern import LayerKind, Stage, build_stages
+
+Cache = list  # per stage, per group position: {"kv", "k_rope"[, "index_k"]}, each [repeats, B, T_max, dim]
+
+
+def moe_layers(cfg: ModelConfig) -> list[bool]:
+    return [cfg.is_moe(i) for i in range(cfg.num_hidden_layers)]
+
+
+def write_cache(cache: Array, layer, new: Array, positions: Int[Array, "B T"]) -> Array:
+    """Writes new [B, T, X] into cache [R, B, T_max, X] at (layer, b, positions[b, t]); out-of-range is dropped."""
+    b = jnp.arange(new.shape[0])[:, None]
+    return cache.at[layer, b, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+class Block(nnx.Module):
+    """One DSA layer. Only F blocks (kind.full) own an indexer."""
+
+    def __init__(self, cfg: ModelConfig, kind: LayerKind, rngs: nnx.Rngs, stack=()):
+        out_std = (2 * cfg.num_hidden_layers * cfg.hidden_size) ** -0.5
+        self.cfg, self.kind = cfg, kind
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs, stack)
+        self.attn = MLA(cfg, rngs, stack, out_std)
+        self.indexer = Indexer(cfg, rngs, stack) if kind.full else None
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs, stack)
+        self.ffn = (MoE(cfg, rngs, stack, out_std) if kind.moe
+                    else DenseFFN(cfg.hidden_size, cfg.intermediate_size, dtype_of(cfg), rngs, stack, out_std))
+
+    def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], kv_len: Int[Array, "B"],
+                 cache: dict, layer, indices: Int[Array, "B T K"] | None, opts: RunOptions):
+        cfg = self.cfg
+        h = self.attn_norm(x)
+        cq, q_lat, q_rope = self.attn.queries(h, positions)
+        c_kv, k_rope = self.attn.latents(h, positions)
+        cache = dict(cache, kv=write_cache(cache["kv"], layer, c_kv, positions),
+                     k_rope=write_cache(cache["k_rope"], layer, k_rope, positions))
+        if self.indexer is not None:
+            with jax.named_scope("indexer"):
+                keys = write_cache(cache["index_k"], layer, self.indexer.keys(h, positions), positions)
+                cache["index_k"] = keys
+                q_idx, w_idx = self.indexer.queries(h, cq, positions)
+                indices = select_topk(q_idx, keys[layer], w_idx, positions, kv_len, cfg.index_topk, opts)
+        o_lat = sparse_attention(q_lat, q_rope, cache["kv"][layer], cache["k_rope"][layer], indices, cfg, opts)
+        x = x + self.attn.output(o_lat)
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, cache, indices
+
+
+class LayerGroup(nnx.Module):
+    """The blocks of one stage, each stacked `stage.repeats` times."""
+
+    def __init__(self, cfg: ModelConfig, stage: Stage, rngs: nnx.Rngs):
+        self.stage = stage
+        self.blocks = nnx.List([Block(cfg, kind, rngs, stack=(stage.repeats,)) for kind in stage.kinds])
+
+    def run(self, x, positions, kv_len, caches: list[dict], opts: RunOptions):
+        graphdef, params = nnx.split(self)
+        tags = [k.tag for k in self.stage.kinds]
+
+        def body(carry, p):
+            x, caches, rep = carry
+            group = nnx.merge(graphdef, p)
+            caches, indices = list(caches), None
+            for pos, block in enumerate(group.blocks):
+                with jax.named_scope(f"layer_{tags[pos]}"):
+                    x, caches[pos], indices = block(x, positions, kv_len, caches[pos], rep, indices, opts)
+            return (x, caches, rep + 1), None
+
+        if opts.remat:
+            body = jax.checkpoint(body)
+        (x, caches, _), _ = jax.lax.scan(body, (x, caches, jnp.int32(0)), params)
+        return x, caches
+
+
+class DSAModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, pattern: str, rngs: nnx.Rngs):
+        self.cfg, self.pattern = cfg, pattern
+        self.stage_specs = build_stages(pattern, moe_layers(cfg))
+        dt = dtype_of(cfg)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, std=1.0)
+        self.groups = nnx.List([LayerGroup(cfg, s, rngs) for s in self.stage_specs])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs)
+        self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
+
+    def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: Cache,
+                 opts: RunOptions) -> tuple[Float[Array, "B T D"], Cache]:
+        """Runs all layers on a chunk of tokens at `positions`, writing the chunk into the cache.
+
+        Each query sees cache entries s <= its position: prefill chunks, one-shot prefill and decode
+        steps are all this call. Returns the final-normed hidden states.
+        """
+        x = self.embed[...][tokens]
+        t_max = cache[0][0]["kv"].shape[2]
+        kv_len = jnp.minimum(jnp.max(positions, axis=1) + 1, t_max).astype(jnp.int32)
+        new_cache = []
+        for group, c in zip(self.groups, cache):
+            x, c = group.run(x, positions, kv_len, c, opts)
+            new_cache.append(c)
+        return self.final_norm(x), new_cache
+
+    def logits(self, h: Float[Array, "... D"]) -> Float[Array, "... V"]:
+        return jnp.einsum("...d,dv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int) -> Cache:
+        return init_cache(self.cfg, self.stage_specs, batch, max_len)
+
+    def forward(self, tokens: Int[Array, "B T"], opts: RunOptions = RunOptions()) -> Float[Array, "B T V"]:
+        """Full-sequence logits with a fresh cache: the plain forward pass (training, evaluation, tests)."""
+        B, T = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        h, _ = self(tokens, positions, self.init_cache(B, T), opts)
+        return self.logits(h)
+
+
+def init_cache(cfg: ModelConfig, stages: tuple[Stage, ...], batch: int, max_len: int) -> Cache:
+    dt = dtype_of(cfg)
+
+    def layer_cache(kind: LayerKind, reps: int) -> dict:
+        c = {"kv": jnp.zeros((reps, batch, max_len, cfg.kv_lora_rank), dt),
+             "k_rope": jnp.zeros((reps, batch, max_len, cfg.qk_rope_head_dim), dt)}
+        if kind.full:
+            c["index_k"] = jnp.zeros((reps, batch, max_len, cfg.index_head_dim), dt)
+        return c
+
+    return [[layer_cache(k, s.repeats) for k in s.kinds] for s in stages]
+
+
+# Re-patterning: a checkpoint stores the all-F layout; any pattern is built from its per-layer params.
+
+def layer_params(model: DSAModel) -> list[dict[str, Any]]:
+    """Every layer's parameters as a plain nested dict, in layer order (S layers have no "indexer")."""
+    out: list[dict[str, Any] | None] = [None] * model.cfg.num_hidden_layers
+    for group, stage in zip(model.groups, model.stage_specs):
+        for pos, block in enumerate(group.blocks):
+            state = nnx.state(block, nnx.Param).to_pure_dict()
+            for rep in range(stage.repeats):
+                out[stage.layer_id(rep, pos)] = jax.tree.map(lambda a: a[rep], state)
+    return out
+
+
+def build_model(cfg: ModelConfig, pattern: str, layers: list[dict[str, Any]], top: dict[str, Any]) -> DSAModel:
+    """A model for `pattern` from per-layer params (as `layer_params` returns) and the top-level params.
+
+    S layers drop their indexer; F layers need one.
+    """
+    model = nnx.eval_shape(lambda: DSAModel(cfg, pattern, nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    pure = state.to_pure_dict()
+    for name in ("embed", "lm_head", "final_norm"):
+        pure[name] = top[name]
+    for g, stage in enumerate(model.stage_specs):
+        for pos, kind in enumerate(stage.kinds):
+            per_rep = []
+            for rep in range(stage.repeats):
+                lp = dict(layers[stage.layer_id(rep, pos)])
+                if kind.full and "indexer" not in lp:
+                    raise ValueError(f"layer {stage.layer_id(rep, pos)} is F in the pattern but has no indexer weights")
+                if not kind.full:
+                    lp.pop("indexer", None)
+                per_rep.append(lp)
+            pure["groups"][g]["blocks"][pos] = jax.tree.map(lambda *a: jnp.stack(a), *per_rep)
+    want = jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0]
+    got = jax.tree_util.tree_flatten_with_path(pure)[0]
+    if [p for p, _ in want] != [p for p, _ in got]:
+        raise ValueError("parameter names differ from what the config builds")
+    for (p, w), (_, g) in zip(want, got):
+        if tuple(w.shape) != tuple(g.shape):
+            raise ValueError(f"{jax.tree_util.keystr(p)} has shape {tuple(g.shape)}, the config needs {tuple(w.shape)}")
+    state.replace_by_pure_dict(jax.tree.map(lambda w, g: jnp.asarray(g, w.dtype), state.to_pure_dict(), pure))
+    nnx.update(model, state)
+    return model
+
+
+def top_params(model: DSAModel) -> dict[str, Any]:
+    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    return {name: pure[name] for name in ("embed", "lm_head", "final_norm")}
+
+
+def repattern(model: DSAModel, pattern: str) -> DSAModel:
+    """The same weights under another pattern (indexers of new S layers are dropped)."""
+    return build_model(model.cfg, pattern, layer_params(model), top_params(model))
