@@ -152,7 +152,7 @@ def layer_params(model: DSAModel) -> list[dict[str, Any]]:
     out: list[dict[str, Any] | None] = [None] * model.cfg.num_hidden_layers
     for group, stage in zip(model.groups, model.stage_specs):
         for pos, block in enumerate(group.blocks):
-            state = nnx.state(block, nnx.Param).to_pure_dict()
+            state = nnx.to_pure_dict(nnx.state(block, nnx.Param))
             for rep in range(stage.repeats):
                 out[stage.layer_id(rep, pos)] = jax.tree.map(lambda a: a[rep], state)
     return out
@@ -165,7 +165,8 @@ def build_model(cfg: ModelConfig, pattern: str, layers: list[dict[str, Any]], to
     """
     model = nnx.eval_shape(lambda: DSAModel(cfg, pattern, nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
-    pure = state.to_pure_dict()
+    abstract = nnx.to_pure_dict(state)
+    pure = nnx.to_pure_dict(state)
     for name in ("embed", "lm_head", "final_norm"):
         pure[name] = top[name]
     for g, stage in enumerate(model.stage_specs):
@@ -179,20 +180,20 @@ def build_model(cfg: ModelConfig, pattern: str, layers: list[dict[str, Any]], to
                     lp.pop("indexer", None)
                 per_rep.append(lp)
             pure["groups"][g]["blocks"][pos] = jax.tree.map(lambda *a: jnp.stack(a), *per_rep)
-    want = jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0]
+    want = jax.tree_util.tree_flatten_with_path(abstract)[0]
     got = jax.tree_util.tree_flatten_with_path(pure)[0]
     if [p for p, _ in want] != [p for p, _ in got]:
         raise ValueError("parameter names differ from what the config builds")
     for (p, w), (_, g) in zip(want, got):
         if tuple(w.shape) != tuple(g.shape):
             raise ValueError(f"{jax.tree_util.keystr(p)} has shape {tuple(g.shape)}, the config needs {tuple(w.shape)}")
-    state.replace_by_pure_dict(jax.tree.map(lambda w, g: jnp.asarray(g, w.dtype), state.to_pure_dict(), pure))
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda w, g: jnp.asarray(g, w.dtype), abstract, pure))
     nnx.update(model, state)
     return model
 
 
 def top_params(model: DSAModel) -> dict[str, Any]:
-    pure = nnx.state(model, nnx.Param).to_pure_dict()
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {name: pure[name] for name in ("embed", "lm_head", "final_norm")}
 
 

@@ -1,0 +1,160 @@
+"""python -m ic_jax.generate: sample text from a DSA model under an IndexCache pattern.
+
+Examples:
+  python -m ic_jax.generate --prompt "def fib(n):"                      # the embedded default model
+  python -m ic_jax.generate --ckpt DIR --pattern FSSS --prompt "import os"
+  python -m ic_jax.generate --config configs/tiny.json --init random --pattern freq:4 --prompt hi
+  echo "class Stack:" | python -m ic_jax.generate --ckpt DIR --pattern @search/pattern.json --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from ic_jax.attention import RunOptions
+from ic_jax.checkpoint import load_checkpoint
+from ic_jax.config import load_config
+from ic_jax.engine import Engine
+from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.model import DSAModel, moe_layers
+from ic_jax.pallas.dispatch import MODEL_IMPLS, op_implementation
+from ic_jax.pattern import describe_layout, parse_pattern
+from ic_jax.sampling import Sampling
+from ic_jax.tokenizer import load_tokenizer
+
+DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
+
+PATTERN_HELP = """IndexCache pattern, one of: an F/S string per layer (FSFSSS...); a shorter motif repeated
+and cut to the layer count (FSSS); freq:N or freq:N,offset:M (SGLang/vLLM index_topk_freq rule);
+keep:0.25 (uniform spacing); @file.json (a search result). Default: the checkpoint's pattern.json, else all F."""
+
+
+def parse_args(argv):
+    p = ArgumentParser(prog="python -m ic_jax.generate", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model")
+    src.add_argument("--ckpt", type=Path, help="checkpoint directory (default: the embedded model, checkpoints/default)")
+    src.add_argument("--config", help="config JSON or preset name (tiny, glm47_flash_dsa, deepseek_v32, glm5); "
+                                      "with --ckpt it must match the checkpoint's shapes")
+    src.add_argument("--init", choices=["random"], help="random weights from --config instead of a checkpoint")
+    src.add_argument("--seed", type=int, default=0, help="seed for random init and for sampling (default 0)")
+    src.add_argument("--pattern", help=PATTERN_HELP)
+    src.add_argument("--impl", choices=MODEL_IMPLS, default="auto",
+                     help="op implementation: auto = Pallas kernels on GPU/TPU, XLA on CPU; pallas on CPU runs "
+                          "the kernels in interpret mode (slow)")
+    inp = p.add_argument_group("prompt (several --prompt/--prompt-file make a batch; stdin when none)")
+    inp.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    inp.add_argument("--prompt-file", action="append", default=[], type=Path, help="file whose text is one prompt")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--warmup", action="store_true", help="compile before timing, so TTFT excludes compilation")
+    gen.add_argument("--chunk-size", type=int, default=0,
+                     help="prefill the prompt in chunks of this many tokens (0 = one shot); bounds memory for long prompts")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    out.add_argument("--layout", action="store_true", help="print the pattern layout (F layers, scanned stages) first")
+    a = p.parse_args(argv)
+    if a.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or a.chunk_size < 0:
+        p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --chunk-size >= 0")
+    if a.init and a.ckpt:
+        p.error("--init random builds a fresh model; drop --ckpt or --init")
+    if a.init and not a.config:
+        p.error("--init random needs --config (a JSON file or a preset name such as tiny)")
+    if a.config and not a.init and not a.ckpt:
+        p.error("--config alone has no weights; add --init random or --ckpt DIR")
+    return a
+
+
+def read_prompts(a) -> list[str]:
+    prompts = list(a.prompt)
+    for f in a.prompt_file:
+        if not f.is_file():
+            raise UserError(f"prompt file {str(f)!r} not found")
+        prompts.append(f.read_text())
+    if not prompts:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+        prompts.append(sys.stdin.read())
+    if any(not p for p in prompts):
+        raise UserError("a prompt is empty; give at least one character")
+    return prompts
+
+
+def load_model(a) -> tuple[DSAModel, Path | None]:
+    if a.init:
+        cfg = load_config(a.config)
+        pattern = parse_pattern(a.pattern, cfg.num_hidden_layers)
+        return DSAModel(cfg, pattern, nnx.Rngs(a.seed)), None
+    ckpt = a.ckpt or DEFAULT_CKPT
+    if a.ckpt is None and not DEFAULT_CKPT.is_dir():
+        raise UserError(f"no embedded model at {DEFAULT_CKPT}; pass --ckpt DIR or --config tiny --init random")
+    cfg = load_config(a.config) if a.config else None
+    return load_checkpoint(ckpt, a.pattern, cfg), ckpt
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    op_implementation(a.impl)
+    prompts = read_prompts(a)
+    model, ckpt = load_model(a)
+    cfg = model.cfg
+    tok = load_tokenizer(ckpt)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
+    ids = [tok.encode(p) for p in prompts]
+    longest = max(map(len, ids))
+    if longest + a.max_new_tokens > cfg.max_position_embeddings:
+        raise UserError(f"prompt of {longest} tokens + {a.max_new_tokens} new tokens exceeds max_position_embeddings "
+                        f"= {cfg.max_position_embeddings}; shorten the prompt or lower --max-new-tokens")
+    impl, interpret = op_implementation(a.impl)
+    engine = Engine(model, RunOptions(implementation=impl, interpret=interpret))
+    n_full = model.pattern.count("F")
+    if a.layout and not a.json:
+        print(describe_layout(model.pattern, moe_layers(cfg)), file=sys.stderr)
+
+    stream = tok.stream() if not a.json and len(prompts) == 1 else None
+    if stream:
+        print(prompts[0], end="", flush=True)
+
+    def on_token(step_tokens: np.ndarray):
+        if stream and step_tokens[0] >= 0:
+            print(stream(int(step_tokens[0])), end="", flush=True)
+
+    sampling = Sampling(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    outs, stats = engine.generate(ids, a.max_new_tokens, sampling, seed=a.seed, chunk_size=a.chunk_size or None,
+                                  eos_id=tok.eos_id, on_token=on_token, warmup=a.warmup)
+    texts = [tok.decode(o) for o in outs]
+    summary = {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "ttft_s": round(stats.ttft_s, 4),
+               "decode_tok_s": round(stats.decode_tok_s, 2), "indexer_layers": n_full,
+               "num_layers": cfg.num_hidden_layers, "pattern": model.pattern, "impl": impl,
+               "backend": jax.default_backend()}
+    if a.json:
+        print(json.dumps({"completions": texts, **summary}))
+        return 0
+    if stream:
+        print()
+    else:
+        for p, t in zip(prompts, texts):
+            print(f"--- prompt: {p!r}\n{p}{t}")
+    ttft_note = "" if a.warmup else " incl. compile"
+    print(f"[{stats.prompt_tokens} prompt tokens | TTFT {stats.ttft_s:.3f}s{ttft_note} | decode {stats.decode_tok_s:.1f} tok/s "
+          f"| {n_full} of {cfg.num_hidden_layers} layers run the indexer | impl {impl}]", file=sys.stderr)
+    return 0
+
+
+main = cli_entry(main)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
