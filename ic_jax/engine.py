@@ -22,6 +22,7 @@ from flax import nnx
 from ic_jax.attention import RunOptions
 from ic_jax.model import DSAModel
 from ic_jax.sampling import Sampling, sample
+from ic_jax.sharding import cache_sharding
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("cache",))
@@ -58,11 +59,19 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, model: DSAModel, opts: RunOptions = RunOptions()):
+    def __init__(self, model: DSAModel, opts: RunOptions = RunOptions(), mesh=None):
+        """With a mesh, the params should already be placed (`sharding.shard_model`); caches follow the batch."""
         self.cfg = model.cfg
         self.model = model
         self.opts = opts
+        self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)
+
+    def new_cache(self, batch: int, max_len: int):
+        cache = self.model.init_cache(batch, max_len)
+        if self.mesh is not None and batch % self.mesh.shape["data"] == 0:
+            cache = jax.device_put(cache, cache_sharding(self.mesh))
+        return cache
 
     def prefill(self, prompts: list[list[int]], max_len: int, chunk_size: int | None = None):
         """Returns (last-token logits [B, V], cache, lengths [B]). chunk_size None or 0 = one shot."""
@@ -75,7 +84,7 @@ class Engine:
         tokens = np.zeros((len(prompts), n_chunks * chunk), np.int32)
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = p
-        cache = self.model.init_cache(len(prompts), max_len)
+        cache = self.new_cache(len(prompts), max_len)
         logits = None
         for c in range(n_chunks):
             start = c * chunk

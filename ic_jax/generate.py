@@ -27,6 +27,7 @@ from ic_jax.model import DSAModel, moe_layers
 from ic_jax.pallas.dispatch import MODEL_IMPLS, op_implementation
 from ic_jax.pattern import describe_layout, parse_pattern
 from ic_jax.sampling import Sampling
+from ic_jax.sharding import init_distributed, make_mesh, parse_mesh, shard_model
 from ic_jax.tokenizer import load_tokenizer
 
 DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
@@ -49,6 +50,11 @@ def parse_args(argv):
     src.add_argument("--impl", choices=MODEL_IMPLS, default="auto",
                      help="op implementation: auto = Pallas kernels on GPU/TPU, XLA on CPU; pallas on CPU runs "
                           "the kernels in interpret mode (slow)")
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--mesh", default="", help="device mesh as axis=size over data,tensor,expert (e.g. "
+                     "data=2,tensor=4); params are sharded by their logical axes. Default: no sharding")
+    par.add_argument("--distributed", action="store_true",
+                     help="multi-host: call jax.distributed.initialize() first (one process per host)")
     inp = p.add_argument_group("prompt (several --prompt/--prompt-file make a batch; stdin when none)")
     inp.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     inp.add_argument("--prompt-file", action="append", default=[], type=Path, help="file whose text is one prompt")
@@ -106,6 +112,8 @@ def load_model(a) -> tuple[DSAModel, Path | None]:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.distributed:
+        init_distributed()
     op_implementation(a.impl)
     prompts = read_prompts(a)
     model, ckpt = load_model(a)
@@ -119,7 +127,11 @@ def main(argv=None) -> int:
         raise UserError(f"prompt of {longest} tokens + {a.max_new_tokens} new tokens exceeds max_position_embeddings "
                         f"= {cfg.max_position_embeddings}; shorten the prompt or lower --max-new-tokens")
     impl, interpret = op_implementation(a.impl)
-    engine = Engine(model, RunOptions(implementation=impl, interpret=interpret))
+    mesh = None
+    if a.mesh:
+        mesh = make_mesh(parse_mesh(a.mesh))
+        shard_model(model, mesh)
+    engine = Engine(model, RunOptions(implementation=impl, interpret=interpret), mesh)
     n_full = model.pattern.count("F")
     if a.layout and not a.json:
         print(describe_layout(model.pattern, moe_layers(cfg)), file=sys.stderr)

@@ -1,0 +1,97 @@
+"""Sharding: logical axis names on every parameter, mapped to mesh axes by one table of rules.
+
+The mesh has axes ("data", "tensor", "expert"). Parameters are placed with `NamedSharding`s derived from
+their `logical_axes` metadata; `jax.jit` then partitions the computation to follow them (the "pjit"
+model), for one host or many (`jax.distributed.initialize()` first, see `init_distributed`).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ic_jax.errors import UserError
+
+MESH_AXES = ("data", "tensor", "expert")
+
+# logical axis -> mesh axis (None = replicated). Attention heads, MLP and vocab split over "tensor";
+# routed experts over "expert"; the batch over "data". Latent ranks and head dims stay whole.
+RULES: dict[str, str | None] = {
+    "batch": "data",
+    "layers": None,
+    "vocab": "tensor",
+    "embed": None,
+    "heads": "tensor",
+    "index_heads": "tensor",
+    "head_dim": None,
+    "index_dim": None,
+    "q_lora": None,
+    "kv_lora": None,
+    "mlp": "tensor",
+    "experts": "expert",
+    "norm": None,
+}
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """'data=2,tensor=4' -> {"data": 2, "tensor": 4, "expert": 1}."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for part in filter(None, spec.split(",")):
+        name, _, n = part.partition("=")
+        if name not in sizes or not n.isdigit() or int(n) < 1:
+            raise UserError(f"--mesh {spec!r}: write axis=size pairs over {', '.join(MESH_AXES)}, e.g. data=2,tensor=4")
+        sizes[name] = int(n)
+    return sizes
+
+
+def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    need = int(np.prod(list(sizes.values())))
+    if need != devices.size:
+        raise UserError(f"mesh {sizes} needs {need} devices but {devices.size} are visible; make the sizes multiply "
+                        f"to {devices.size}")
+    return Mesh(devices.reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+
+
+def spec_for(logical: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules=RULES) -> PartitionSpec:
+    """The PartitionSpec of one array; an axis stays whole where its mesh axis has size 1 or does not divide it."""
+    out, used = [], set()
+    for name, dim in zip(logical, shape):
+        axis = rules.get(name)
+        if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
+            out.append(None)
+        else:
+            out.append(axis)
+            used.add(axis)
+    return PartitionSpec(*out)
+
+
+def is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, rules=RULES):
+    """A State of NamedShardings, one per parameter, from its `logical_axes` metadata."""
+    return jax.tree.map(lambda v: NamedSharding(mesh, spec_for(v.logical_axes, v.get_value().shape, mesh, rules)),
+                        nnx.state(model, nnx.Param), is_leaf=is_variable)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
+    """Places every parameter of `model` on `mesh` (in place) and returns it."""
+    state = nnx.state(model, nnx.Param)
+    shardings = param_shardings(model, mesh, rules)
+    nnx.update(model, jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s)), state, shardings,
+                                   is_leaf=is_variable))
+    return model
+
+
+def cache_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
+    """Caches are [layers, batch, positions, dim]: split the batch over "data"."""
+    return NamedSharding(mesh, PartitionSpec(None, rules["batch"], None, None))
+
+
+def init_distributed() -> None:
+    """Joins a multi-host job (coordinator and process ids from the environment, as jax reads them)."""
+    jax.distributed.initialize()
