@@ -1,0 +1,149 @@
+"""python -m ic_jax.bench e2e: end-to-end prefill time and decode speed per IndexCache pattern.
+
+Random weights of a preset (default: the 30B GLM-4.7-Flash + DSA shape, 47 layers) are made on the device;
+for each pattern and context length it times one chunked prefill of a random prompt (after compiling
+on its first chunk) and then `--decode-steps` decode steps, and reports the speedup of every pattern
+over the first one, measured in the same run. Compare with the paper's SGLang figures (indexcache.md
+section 4): 200K prefill 19.5 s all-F -> 10.7 s at 1/4; decode 58 -> 86 tok/s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ic_jax.attention import RunOptions
+from ic_jax.config import load_config
+from ic_jax.engine import Engine, decode_step, prefill_chunk
+from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.model import DSAModel
+from ic_jax.pallas.dispatch import MODEL_IMPLS, op_implementation
+from ic_jax.pattern import parse_pattern
+from ic_jax.sampling import Sampling
+
+PAPER = {  # context -> (prefill all-F s, prefill 1/4 s, decode all-F tok/s, decode 1/4 tok/s), SGLang on H100
+    10_000: (0.57, 0.45, 73.5, 91.0), 60_000: (3.38, 2.59, 67.0, 89.5),
+    120_000: (8.57, 5.66, 63.0, 88.0), 200_000: (19.5, 10.7, 58.0, 86.0),
+}
+
+
+def parse_contexts(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = 1000 if part.endswith("k") else 1
+        num = part[:-1] if mult > 1 else part
+        if not num.isdigit() or int(num) < 1:
+            raise UserError(f"--contexts {text!r}: write lengths like 10k,60k,200000")
+        out.append(int(num) * mult)
+    return out
+
+
+def random_model(cfg, pattern: str, seed: int) -> DSAModel:
+    """Random weights made directly on the device (no host copy of the parameters)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DSAModel(cfg, pattern, nnx.Rngs(seed))))
+    state = jax.jit(lambda: nnx.state(DSAModel(cfg, pattern, nnx.Rngs(seed))))()
+    return nnx.merge(graphdef, state)
+
+
+def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, bar) -> list[dict]:
+    t = time.perf_counter()
+    engine = Engine(random_model(cfg, pattern, a.seed), opts)
+    jax.block_until_ready(engine.params)
+    bar.write(f"{pattern}: random init {time.perf_counter() - t:.1f}s")
+    rng = np.random.default_rng(a.seed)
+    rows = []
+    for ctx in contexts:
+        prompts = [list(rng.integers(0, min(cfg.vocab_size, 32000), ctx)) for _ in range(a.batch)]
+        max_len = ctx + a.decode_steps + 1
+        chunk = min(a.chunk_size, ctx)
+        # compile on the first chunk, so the timed prefill below is all execution
+        t = time.perf_counter()
+        cache = engine.new_cache(a.batch, max_len)
+        first = jnp.asarray([p[:chunk] for p in prompts], jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), first.shape)
+        jax.block_until_ready(prefill_chunk(engine.graphdef, engine.params, first, pos, cache,
+                                            jnp.zeros(a.batch, jnp.int32), opts))
+        bar.write(f"  {ctx}: compile + first chunk {time.perf_counter() - t:.1f}s")
+        t0 = time.perf_counter()
+        logits, cache, lengths = engine.prefill(prompts, max_len, chunk)
+        jax.block_until_ready(logits)
+        prefill_s = time.perf_counter() - t0
+        token = jnp.argmax(logits, -1).astype(jnp.int32)
+        key = jax.random.key(0)
+        token, _, cache = decode_step(engine.graphdef, engine.params, token, jnp.asarray(lengths), cache, key,
+                                      opts, Sampling())
+        jax.block_until_ready(token)
+        t1 = time.perf_counter()
+        for i in range(1, a.decode_steps):
+            token, _, cache = decode_step(engine.graphdef, engine.params, token, jnp.asarray(lengths + i), cache,
+                                          key, opts, Sampling())
+        jax.block_until_ready(token)
+        decode_tok_s = (a.decode_steps - 1) / (time.perf_counter() - t1)
+        bar.write(f"  {ctx}: prefill {prefill_s:.2f}s, decode {decode_tok_s:.1f} tok/s")
+        rows.append({"pattern": pattern, "indexers": pattern.count("F"), "context": ctx, "batch": a.batch,
+                     "prefill_s": prefill_s, "decode_tok_s": decode_tok_s})
+        bar.update(1)
+        del cache
+    return rows
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m ic_jax.bench e2e", description=__doc__)
+    p.add_argument("--config", default="glm47_flash_dsa", help="preset or config JSON (default glm47_flash_dsa)")
+    p.add_argument("--layers", type=int, help="override num_hidden_layers (quick checks)")
+    p.add_argument("--patterns", nargs="+", default=["F", "@configs/patterns/glm47_flash_dsa_1of2.json",
+                                                    "@configs/patterns/glm47_flash_dsa_1of4.json"],
+                   help="patterns in any --pattern form; speedups are against the first (default: all-F and the "
+                        "paper's searched 1/2 and 1/4 patterns)")
+    p.add_argument("--contexts", default="10k,60k,120k,200k", help="prompt lengths (default 10k,60k,120k,200k)")
+    p.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk (default 16384)")
+    p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per point (default 32)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per request batch (default 1)")
+    p.add_argument("--impl", choices=MODEL_IMPLS, default="auto", help="op implementation (default auto)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the rows as JSON here")
+    a = p.parse_args(argv)
+    if min(a.chunk_size, a.decode_steps, a.batch) < 1 or a.decode_steps < 2:
+        p.error("--chunk-size and --batch must be >= 1, --decode-steps >= 2")
+    cfg = load_config(a.config)
+    if a.layers:
+        cfg = cfg.replace(num_hidden_layers=a.layers, first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
+    contexts = parse_contexts(a.contexts)
+    if max(contexts) + a.decode_steps > cfg.max_position_embeddings:
+        raise UserError(f"context {max(contexts)} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    patterns = [parse_pattern(s, cfg.num_hidden_layers) for s in a.patterns]
+    impl, interpret = op_implementation(a.impl)
+    opts = RunOptions(implementation=impl, interpret=interpret)
+    rows = []
+    with tqdm(total=len(patterns) * len(contexts), desc="e2e", unit="point") as bar:
+        for pattern in patterns:
+            rows += time_pattern(cfg, pattern, contexts, a, opts, bar)
+    base = {r["context"]: r for r in rows if r["pattern"] == patterns[0]}
+    for r in rows:
+        r["prefill_speedup"] = base[r["context"]]["prefill_s"] / r["prefill_s"]
+        r["decode_speedup"] = r["decode_tok_s"] / base[r["context"]]["decode_tok_s"]
+    device = jax.devices()[0].device_kind
+    print(f"\n{cfg.num_hidden_layers} layers, {device}, jax {jax.__version__}, impl {impl}, batch {a.batch}, "
+          f"chunk {a.chunk_size}")
+    print(f"{'context':>8} {'indexers':>9} {'prefill s':>10} {'speedup':>8} {'decode tok/s':>13} {'speedup':>8}"
+          f" | paper all-F/1/4 prefill s, decode tok/s")
+    for r in rows:
+        ref = PAPER.get(r["context"])
+        paper = f"{ref[0]}/{ref[1]} s, {ref[2]}/{ref[3]}" if ref else "-"
+        print(f"{r['context']:>8} {r['indexers']:>5}/{cfg.num_hidden_layers:<3} {r['prefill_s']:>10.3f} "
+              f"{r['prefill_speedup']:>7.2f}x {r['decode_tok_s']:>13.1f} {r['decode_speedup']:>7.2f}x | {paper}")
+    if a.json:
+        a.json.write_text(json.dumps({"device": device, "jax": jax.__version__, "impl": impl,
+                                      "config": a.config, "layers": cfg.num_hidden_layers, "rows": rows}, indent=2))
+    return 0
+
+
+main = cli_entry(main)
