@@ -60,7 +60,7 @@ class Block(nnx.Module):
                 cache["index_k"] = keys
                 q_idx, w_idx = self.indexer.queries(h, cq, positions)
                 indices = select_topk(q_idx, keys[layer], w_idx, positions, kv_len, cfg.index_topk, opts)
-        o_lat = sparse_attention(q_lat, q_rope, cache["kv"][layer], cache["k_rope"][layer], indices, cfg, opts)
+        o_lat = sparse_attention(q_lat, q_rope, cache["kv"], cache["k_rope"], layer, indices, cfg, opts)
         x = x + self.attn.output(o_lat)
         x = x + self.ffn(self.ffn_norm(x))
         return x, cache, indices
