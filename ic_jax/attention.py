@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, Int
 
 from ic_jax import pallas as ops
 from ic_jax.config import ModelConfig
+from ic_jax.pallas.dispatch import op_implementation
 from ic_jax.layers import LayerNorm, RMSNorm, apply_rope, dtype_of, hadamard, param, rope_inv_freq
 
 
@@ -29,6 +30,13 @@ class RunOptions:
     interpret: bool = False  # run Pallas kernels in interpret mode (CPU)
     index_block: int = 256  # queries per indexer block: logits are [block, Tk] at a time
     remat: bool = False  # rematerialise each layer group in the backward pass
+
+    @classmethod
+    def for_impl(cls, impl: str = "auto") -> "RunOptions":
+        """Options for a model-level --impl choice (auto | xla | pallas) on the current backend."""
+        implementation, interpret = op_implementation(impl)
+        on_accelerator = jax.default_backend() != "cpu"
+        return cls(implementation=implementation, interpret=interpret, index_block=2048 if on_accelerator else 256)
 
 
 class MLA(nnx.Module):

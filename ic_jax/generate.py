@@ -24,7 +24,7 @@ from ic_jax.config import load_config
 from ic_jax.engine import Engine
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.model import DSAModel, moe_layers
-from ic_jax.pallas.dispatch import MODEL_IMPLS, op_implementation
+from ic_jax.pallas.dispatch import MODEL_IMPLS
 from ic_jax.pattern import describe_layout, parse_pattern
 from ic_jax.sampling import Sampling
 from ic_jax.sharding import init_distributed, make_mesh, parse_mesh, shard_model
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.distributed:
         init_distributed()
-    op_implementation(a.impl)
+    opts = RunOptions.for_impl(a.impl)
     prompts = read_prompts(a)
     model, ckpt = load_model(a)
     cfg = model.cfg
@@ -126,12 +126,11 @@ def main(argv=None) -> int:
     if longest + a.max_new_tokens > cfg.max_position_embeddings:
         raise UserError(f"prompt of {longest} tokens + {a.max_new_tokens} new tokens exceeds max_position_embeddings "
                         f"= {cfg.max_position_embeddings}; shorten the prompt or lower --max-new-tokens")
-    impl, interpret = op_implementation(a.impl)
     mesh = None
     if a.mesh:
         mesh = make_mesh(parse_mesh(a.mesh))
         shard_model(model, mesh)
-    engine = Engine(model, RunOptions(implementation=impl, interpret=interpret), mesh)
+    engine = Engine(model, opts, mesh)
     n_full = model.pattern.count("F")
     if a.layout and not a.json:
         print(describe_layout(model.pattern, moe_layers(cfg)), file=sys.stderr)
@@ -150,7 +149,7 @@ def main(argv=None) -> int:
     texts = [tok.decode(o) for o in outs]
     summary = {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "ttft_s": round(stats.ttft_s, 4),
                "decode_tok_s": round(stats.decode_tok_s, 2), "indexer_layers": n_full,
-               "num_layers": cfg.num_hidden_layers, "pattern": model.pattern, "impl": impl,
+               "num_layers": cfg.num_hidden_layers, "pattern": model.pattern, "impl": opts.implementation,
                "backend": jax.default_backend()}
     if a.json:
         print(json.dumps({"completions": texts, **summary}))
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
             print(f"--- prompt: {p!r}\n{p}{t}")
     ttft_note = "" if a.warmup else " incl. compile"
     print(f"[{stats.prompt_tokens} prompt tokens | TTFT {stats.ttft_s:.3f}s{ttft_note} | decode {stats.decode_tok_s:.1f} tok/s "
-          f"| {n_full} of {cfg.num_hidden_layers} layers run the indexer | impl {impl}]", file=sys.stderr)
+          f"| {n_full} of {cfg.num_hidden_layers} layers run the indexer | impl {opts.implementation}]", file=sys.stderr)
     return 0
 
 

@@ -24,7 +24,7 @@ from ic_jax.config import load_config
 from ic_jax.engine import Engine, decode_step, prefill_chunk
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.model import DSAModel
-from ic_jax.pallas.dispatch import MODEL_IMPLS, op_implementation
+from ic_jax.pallas.dispatch import MODEL_IMPLS
 from ic_jax.pattern import parse_pattern
 from ic_jax.sampling import Sampling
 
@@ -120,8 +120,8 @@ def main(argv=None) -> int:
     if max(contexts) + a.decode_steps > cfg.max_position_embeddings:
         raise UserError(f"context {max(contexts)} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     patterns = [parse_pattern(s, cfg.num_hidden_layers) for s in a.patterns]
-    impl, interpret = op_implementation(a.impl)
-    opts = RunOptions(implementation=impl, interpret=interpret)
+    opts = RunOptions.for_impl(a.impl)
+    impl = opts.implementation
     rows = []
     with tqdm(total=len(patterns) * len(contexts), desc="e2e", unit="point") as bar:
         for pattern in patterns:
