@@ -1,0 +1,16 @@
+"""Grouped matmul (one weight matrix per group of sorted rows): one entry point over every implementation."""
+
+from __future__ import annotations
+
+from ic_jax.pallas import dispatch
+from ic_jax.pallas.grouped_matmul import gpu, reference
+
+IMPLEMENTATIONS = {"xla": reference.grouped_matmul, "pallas_gpu": gpu.grouped_matmul}
+
+
+def grouped_matmul(x, w, group_sizes, *, implementation: str | None = None, interpret: bool = False):
+    """See `reference.grouped_matmul` for the contract; `implementation` picks the kernel."""
+    fn = dispatch.select("grouped_matmul", implementation, IMPLEMENTATIONS)
+    if fn is reference.grouped_matmul:
+        return fn(x, w, group_sizes)
+    return fn(x, w, group_sizes, interpret=interpret)
