@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m ic_jax.bench {kernels,e2e}`."""

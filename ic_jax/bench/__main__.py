@@ -1,0 +1,31 @@
+"""python -m ic_jax.bench COMMAND [flags]: kernels (per-op speed against measured ceilings and XLA) or e2e
+(end-to-end prefill and decode per IndexCache pattern). `python -m ic_jax.bench COMMAND --help` for flags."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ic_jax.errors import ArgumentParser
+
+COMMANDS = {"kernels": "ic_jax.bench.kernels", "e2e": "ic_jax.bench.e2e"}
+HELP = {
+    "kernels": "time the Pallas kernels (indexer logits, top-k, sparse MLA) at the 30B shapes, beside XLA",
+    "e2e": "time chunked prefill and decode of a whole model for several IndexCache patterns",
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = ArgumentParser(prog="python -m ic_jax.bench", description=__doc__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in HELP.items():
+        sub.add_parser(name, help=text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        p.parse_args(argv[:1] or ["--help"])
+        return 2
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""python -m ic_jax.bench kernels: the DSA kernels at the 30B shapes, against ceilings measured in the same run.
+
+Shapes: indexer 32 heads x 128, top-k 2048; attention 20 heads, latent 512, RoPE 64, 2048 selected keys.
+For each context length Tk: a prefill chunk (the last `--chunk` queries of a Tk-token prompt, so nearly every
+key is visible) and decode batches (one query per sequence at position Tk - 1). Each row gives the Pallas
+time (median), its rate as TFLOP/s and GB/s with the share of the measured bf16 matmul and copy ceilings,
+and the XLA reference time beside it ("OOM" where XLA runs out of memory). A correctness check of every
+kernel against the XLA reference runs first (skip with --no-check).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ic_jax.bench.timing import measure_ceilings, median_time, print_table, write_json
+from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.pallas import indexer_logits, sparse_mla, topk_indices
+from ic_jax.pallas.dispatch import pallas_name
+
+H_I, D_I, TOPK = 32, 128, 2048
+HEADS, LATENT, ROPE = 20, 512, 64
+SCALE = (192 + 64) ** -0.5
+OPS = ("indexer", "topk", "mla")
+COLUMNS = [("op", "op"), ("mode", "mode"), ("tk", "Tk"), ("shape", "B x Tq"), ("ms", "ms"),
+           ("tflops", "TFLOP/s"), ("pct_matmul", "% mm"), ("gbs", "GB/s"), ("pct_copy", "% copy"),
+           ("xla_ms", "XLA ms"), ("speedup", "XLA/pallas")]
+
+
+def parse_sizes(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        num = part[:-1] if part.endswith("k") else part
+        if not num.isdigit() or int(num) < 1:
+            raise UserError(f"--sizes {text!r}: write lengths like 8k,32k,200000")
+        out.append(int(num) * (1024 if part.endswith("k") else 1))
+    return out
+
+
+def rand(key, shape, dtype=jnp.bfloat16):
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32).astype(dtype)
+
+
+def indexer_inputs(b, tq, tk, seed=0):
+    q_pos = jnp.broadcast_to(jnp.arange(tk - tq, tk, dtype=jnp.int32), (b, tq))
+    return (rand(seed, (b, tq, H_I, D_I)), rand(seed + 1, (b, tk, D_I)), rand(seed + 2, (b, tq, H_I), jnp.float32),
+            q_pos, jnp.full((b,), tk, jnp.int32))
+
+
+def mla_inputs(b, tq, tk, k=TOPK, seed=0):
+    idx = jax.random.randint(jax.random.key(seed + 4), (b, tq, k), 0, tk, jnp.int32)
+    return (rand(seed, (b, tq, HEADS, LATENT)), rand(seed + 1, (b, tq, HEADS, ROPE)), rand(seed + 2, (b, tk, LATENT)),
+            rand(seed + 3, (b, tk, ROPE)), jnp.sort(idx, axis=-1))
+
+
+def fns(op: str, impl: str, k: int = TOPK):
+    if op == "indexer":
+        return jax.jit(functools.partial(indexer_logits, implementation=impl))
+    if op == "topk":
+        return jax.jit(functools.partial(topk_indices, k=k, implementation=impl))
+    return jax.jit(functools.partial(sparse_mla, scale=SCALE, implementation=impl))
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    fin = np.isfinite(b)
+    if not np.array_equal(fin, np.isfinite(a)):
+        return float("inf")
+    return float(np.linalg.norm(a[fin] - b[fin]) / max(np.linalg.norm(b[fin]), 1e-30))
+
+
+def same_sets(a, b) -> bool:
+    return bool(np.array_equal(np.sort(np.asarray(a), -1), np.sort(np.asarray(b), -1)))
+
+
+def check(impl: str) -> list[str]:
+    """Pallas vs XLA on small ragged shapes; returns failure lines."""
+    bad = []
+    for tq in (100, 1):
+        q, k, w, pos, _ = indexer_inputs(2, tq, 1000, seed=tq)
+        kv_len = jnp.array([1000, 700], jnp.int32)
+        got, ref = (fns("indexer", i)(q, k, w, pos, kv_len) for i in (impl, "xla"))
+        if (e := rel_err(got, ref)) > 1e-4:
+            bad.append(f"indexer Tq={tq}: rel err {e:.2e}")
+        for kk in (64, TOPK):
+            sel = [fns("topk", i, kk)(ref) for i in (impl, "xla")]
+            if not same_sets(*sel):
+                bad.append(f"topk Tq={tq} k={kk}: sets differ")
+    ties = jnp.round(rand(9, (3, 7, 5000), jnp.float32))
+    if not same_sets(*(fns("topk", i, 300)(ties) for i in (impl, "xla"))):
+        bad.append("topk ties: sets differ")
+    for tq, splits in ((5, "auto"), (1, "auto")):
+        args = list(mla_inputs(2, tq, 1000, k=256))
+        args[-1] = jnp.where(jax.random.uniform(jax.random.key(tq), args[-1].shape) < 0.3, -1, args[-1])
+        (o, lse), (ro, rlse) = (fns("mla", i)(*args) for i in (impl, "xla"))
+        if max(rel_err(o, ro), rel_err(lse, rlse)) > 2e-2:
+            bad.append(f"mla Tq={tq}: rel err o {rel_err(o, ro):.2e} lse {rel_err(lse, rlse):.2e}")
+    return bad
+
+
+def attempt(fn, *args) -> float | str:
+    try:
+        return median_time(fn, *args)
+    except Exception as e:  # an out-of-memory or compile failure is a result to report, not a crash
+        text = str(e)
+        return "OOM" if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() else f"error: {text[:160]}"
+
+
+def measure(op, mode, tk, b, tq, args, flops, nbytes, ceil, impl, xla: bool) -> dict:
+    row = {"op": op, "mode": mode, "tk": tk, "shape": f"{b} x {tq}"}
+    t = attempt(fns(op, impl), *args)
+    if isinstance(t, str):
+        row["ms"] = t
+        return row
+    row.update(ms=t * 1e3, gbs=nbytes / t / 1e9, pct_copy=100 * nbytes / t / ceil["copy_bytes_s"])
+    if flops:
+        row.update(tflops=flops / t / 1e12, pct_matmul=100 * flops / t / ceil["matmul_flops"])
+    if xla:
+        tx = attempt(fns(op, "xla"), *args)
+        row["xla_ms"] = tx * 1e3 if isinstance(tx, float) else tx
+        if isinstance(tx, float):
+            row["speedup"] = tx / t
+    return row
+
+
+def run_size(tk, a, ceil, impl) -> list[dict]:
+    rows = []
+    cases = [("prefill", 1, min(a.chunk, tk))] + [("decode", b, 1) for b in a.decode_batches]
+    for mode, b, tq in cases:
+        if "indexer" in a.ops or "topk" in a.ops:
+            q, k, w, pos, kv_len = indexer_inputs(b, tq, tk)
+            vis = float(jnp.sum(jnp.minimum(pos + 1, tk)))
+            if "indexer" in a.ops:
+                rows.append(measure("indexer", mode, tk, b, tq, (q, k, w, pos, kv_len), vis * 2 * H_I * D_I,
+                                    k.nbytes + q.nbytes + b * tq * tk * 4, ceil, impl, not a.no_xla))
+            if "topk" in a.ops:
+                logits = fns("indexer", impl)(q, k, w, pos, kv_len)
+                rows.append(measure("topk", mode, tk, b, tq, (logits,), None, logits.nbytes + b * tq * TOPK * 4,
+                                    ceil, impl, not a.no_xla))
+                del logits
+            del q, k, w
+        if "mla" in a.ops:
+            args = mla_inputs(b, tq, tk)
+            per_query = TOPK * (LATENT + ROPE) * 2 + HEADS * (2 * LATENT + ROPE) * 2
+            rows.append(measure("mla", mode, tk, b, tq, args, b * tq * 2.0 * HEADS * (2 * LATENT + ROPE) * TOPK,
+                                b * tq * per_query, ceil, impl, not a.no_xla))
+            del args
+        print_table(rows[-len(a.ops):], COLUMNS)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m ic_jax.bench kernels", description=__doc__)
+    p.add_argument("--sizes", default="8k,32k,64k,128k,200k", help="context lengths Tk (default 8k,32k,64k,128k,200k)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)} (default all)")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill queries per chunk (default 2048)")
+    p.add_argument("--decode-batches", default="1,64", help="decode batch sizes (default 1,64)")
+    p.add_argument("--no-xla", action="store_true", help="skip the XLA reference timings")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check against XLA")
+    p.add_argument("--quick", action="store_true", help="8k,32k only, chunk 512, decode batch 8")
+    p.add_argument("--json", type=Path, help="write every row, the ceilings and the device as JSON here")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.sizes, a.chunk, a.decode_batches = "8k,32k", 512, "8"
+    ops = [o.strip() for o in a.ops.split(",") if o.strip()]
+    if not ops or set(ops) - set(OPS):
+        p.error(f"--ops {a.ops!r}: choose from {','.join(OPS)}")
+    a.ops = ops
+    sizes = parse_sizes(a.sizes)
+    try:
+        a.decode_batches = [int(x) for x in a.decode_batches.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--decode-batches {a.decode_batches!r}: write batch sizes like 1,64")
+    if a.chunk < 1 or any(b < 1 for b in a.decode_batches):
+        p.error("--chunk and --decode-batches must be >= 1")
+    impl = pallas_name()
+    if jax.default_backend() == "cpu":
+        raise UserError("the kernels benchmark needs a GPU or TPU (on CPU, Pallas runs only in interpret mode)")
+    device = jax.devices()[0].device_kind
+    print(f"{device}, jax {jax.__version__}, implementation {impl}", flush=True)
+    failures = [] if a.no_check else check(impl)
+    if not a.no_check:
+        print("check: " + ("all kernels match XLA" if not failures else "FAILED: " + "; ".join(failures)), flush=True)
+    ceil = measure_ceilings()
+    print(f"ceilings: bf16 matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {ceil['copy_bytes_s'] / 1e9:.0f} GB/s",
+          flush=True)
+    rows = []
+    for tk in sizes:
+        rows += run_size(tk, a, ceil, impl)
+    print("\nall sizes:")
+    print_table(rows, COLUMNS)
+    if a.json:
+        write_json(a.json, {"device": device, "jax": jax.__version__, "implementation": impl,
+                            "date": datetime.date.today().isoformat(), "ceilings": ceil,
+                            "check_failures": failures, "rows": rows})
+    return 0
+
+
+main = cli_entry(main)

@@ -1,0 +1,20 @@
+"""Small helpers shared by the Pallas kernels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def prev_pow2(n: int) -> int:
+    return 1 << (int(n).bit_length() - 1)
+
+
+def order_key(x: jax.Array) -> jax.Array:
+    """float32 -> int32 whose signed order is the float order (-0.0 sorts just below +0.0)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)

@@ -1,0 +1,101 @@
+"""Indexer logits on GPU: Pallas with the Triton lowering.
+
+Grid (batch, query block, key block). The heads are reduced inside the kernel, one [bq, D] x [D, bk] dot
+per head (ReLU, scale by w, accumulate in fp32), so [Tq, H, Tk] never exists. Key blocks wholly past the
+causal / kv_len limit of their query block write -inf without loading anything. Fewer than 16 queries
+(decode) use a per-query kernel that puts the heads in the dot's rows instead: [H, D] x [D, bk].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ic_jax.pallas.common import next_pow2
+
+MIN_DOT_ROWS = 16  # Triton's smallest dot tile
+
+
+def _visible(pos, kv_len, cols):
+    return (cols <= pos) & (cols < kv_len)
+
+
+def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref, *, heads: int):
+    bk = k_ref.shape[0]
+    start = pl.program_id(2) * bk
+    pos = pos_ref[...]
+    kv_len = len_ref[0]
+    limit = jnp.minimum(jnp.max(pos) + 1, kv_len)
+
+    @pl.when(start >= limit)
+    def _():
+        o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+
+    @pl.when(start < limit)
+    def _():
+        kt = k_ref[...]
+
+        def head(h, acc):
+            s = jax.lax.dot_general(q_ref[:, h, :], kt, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+            return acc + jnp.maximum(s, 0.0) * w_ref[:, h].astype(jnp.float32)[:, None]
+
+        acc = jax.lax.fori_loop(0, heads, head, jnp.zeros(o_ref.shape, jnp.float32))
+        cols = start + jnp.arange(bk, dtype=jnp.int32)
+        o_ref[...] = jnp.where(_visible(pos[:, None], kv_len, cols[None, :]), acc, -jnp.inf)
+
+
+def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref):
+    bk = k_ref.shape[0]
+    start = pl.program_id(2) * bk
+    pos = pos_ref[0]
+    kv_len = len_ref[0]
+    limit = jnp.minimum(pos + 1, kv_len)
+
+    @pl.when(start >= limit)
+    def _():
+        o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+
+    @pl.when(start < limit)
+    def _():
+        s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)  # [H, bk]
+        acc = jnp.sum(jnp.maximum(s, 0.0) * w_ref[...].astype(jnp.float32)[:, None], axis=0)
+        cols = start + jnp.arange(bk, dtype=jnp.int32)
+        o_ref[...] = jnp.where(_visible(pos, kv_len, cols), acc, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block_q", "block_k", "num_warps", "num_stages"))
+def indexer_logits(q, k, w, q_pos, kv_len, *, interpret: bool = False, block_q: int = 64, block_k: int = 256,
+                   num_warps: int = 8, num_stages: int = 2):
+    """Same contract as `reference.indexer_logits`."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    bk = min(block_k, next_pow2(Tk))
+    q_pos = q_pos.astype(jnp.int32)
+    kv_len = kv_len.astype(jnp.int32)
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    out_shape = jax.ShapeDtypeStruct((B, Tq, Tk), jnp.float32)
+    k_spec = pl.BlockSpec((None, bk, D), lambda b, i, j: (b, j, 0))
+    len_spec = pl.BlockSpec((1,), lambda b, i, j: (b,))
+    if Tq < MIN_DOT_ROWS:
+        grid = (B, Tq, pl.cdiv(Tk, bk))
+        in_specs = [pl.BlockSpec((None, None, H, D), lambda b, i, j: (b, i, 0, 0)), k_spec,
+                    pl.BlockSpec((None, None, H), lambda b, i, j: (b, i, 0)),
+                    pl.BlockSpec((None, 1), lambda b, i, j: (b, i)), len_spec]
+        out_spec = pl.BlockSpec((None, None, bk), lambda b, i, j: (b, i, j))
+        kernel = _query_kernel
+    else:
+        bq = min(block_q, next_pow2(Tq))
+        grid = (B, pl.cdiv(Tq, bq), pl.cdiv(Tk, bk))
+        in_specs = [pl.BlockSpec((None, bq, H, D), lambda b, i, j: (b, i, 0, 0)), k_spec,
+                    pl.BlockSpec((None, bq, H), lambda b, i, j: (b, i, 0)),
+                    pl.BlockSpec((None, bq), lambda b, i, j: (b, i)), len_spec]
+        out_spec = pl.BlockSpec((None, bq, bk), lambda b, i, j: (b, i, j))
+        kernel = functools.partial(_block_kernel, heads=H)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
+                          compiler_params=params, interpret=interpret)(q, k, w, q_pos, kv_len)
