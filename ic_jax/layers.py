@@ -6,6 +6,7 @@ Every parameter carries `logical_axes` metadata (one name per dim, "layers" firs
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,6 +15,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from ic_jax.config import ModelConfig
+from ic_jax.pallas.grouped_matmul import grouped_matmul
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stack=(), std: float | None = None,
@@ -107,7 +109,9 @@ class DenseFFN(nnx.Module):
         self.w_up = param(rngs, (dim, hidden), ("embed", "mlp"), dtype, stack)
         self.w_down = param(rngs, (hidden, dim), ("mlp", "embed"), dtype, stack, std=out_std)
 
-    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    def __call__(self, x: Float[Array, "... D"], implementation: str = "xla", interpret: bool = False
+                 ) -> Float[Array, "... D"]:
+        """`implementation` and `interpret` are ignored: they match `MoE.__call__`."""
         h = jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])
         return h @ self.w_down[...]
 
@@ -115,7 +119,8 @@ class DenseFFN(nnx.Module):
 class MoE(nnx.Module):
     """DeepSeek MoE: sigmoid router with a correction bias, grouped top-k, a shared expert, routed scaling.
 
-    Tokens are sorted by expert and run through `jax.lax.ragged_dot`, one grouped matmul per projection.
+    Tokens are sorted by expert and run through `grouped_matmul`, one per projection; its "xla"
+    implementation (`jax.lax.ragged_dot`) is differentiable, "pallas_gpu" is forward only.
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack=(), out_std: float | None = None):
@@ -146,7 +151,8 @@ class MoE(nnx.Module):
             weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
         return experts, weights * cfg.routed_scaling_factor
 
-    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+    def __call__(self, x: Float[Array, "... D"], implementation: str = "xla", interpret: bool = False
+                 ) -> Float[Array, "... D"]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         experts, weights = self.route(x)
@@ -155,8 +161,9 @@ class MoE(nnx.Module):
         order = jnp.argsort(flat, stable=True)
         sizes = jnp.bincount(flat, length=self.cfg.n_routed_experts).astype(jnp.int32)
         xs = x[order // k]
-        h = jax.nn.silu(jax.lax.ragged_dot(xs, self.w_gate[...], sizes)) * jax.lax.ragged_dot(xs, self.w_up[...], sizes)
-        ys = jax.lax.ragged_dot(h.astype(x.dtype), self.w_down[...], sizes)
+        gmm = functools.partial(grouped_matmul, group_sizes=sizes, implementation=implementation, interpret=interpret)
+        h = jax.nn.silu(gmm(xs, self.w_gate[...])) * gmm(xs, self.w_up[...])
+        ys = gmm(h.astype(x.dtype), self.w_down[...])
         y = jnp.zeros_like(ys).at[order].set(ys).reshape(-1, k, shape[-1])
         out = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
         if self.shared is not None:

@@ -62,7 +62,7 @@ class Block(nnx.Module):
                 indices = select_topk(q_idx, keys[layer], w_idx, positions, kv_len, cfg.index_topk, opts)
         o_lat = sparse_attention(q_lat, q_rope, cache["kv"], cache["k_rope"], layer, indices, cfg, opts)
         x = x + self.attn.output(o_lat)
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + self.ffn(self.ffn_norm(x), opts.implementation, opts.interpret)
         return x, cache, indices
 
 
