@@ -24,16 +24,23 @@ def _visible(pos, kv_len, cols):
     return (cols <= pos) & (cols < kv_len)
 
 
-def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref, *, heads: int):
-    bk = k_ref.shape[0]
+def _store(o_ref, val, rows, cols, tq: int, tk: int):
+    """Triton does not mask ragged edge blocks: stores past Tq or Tk would land in the next rows."""
+    plgpu.store(o_ref, val, mask=(rows < tq) & (cols < tk))
+
+
+def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref, *, heads: int, tq: int, tk: int):
+    bq, bk = o_ref.shape
     start = pl.program_id(2) * bk
+    rows = (pl.program_id(1) * bq + jnp.arange(bq, dtype=jnp.int32))[:, None]
+    cols = (start + jnp.arange(bk, dtype=jnp.int32))[None, :]
     pos = pos_ref[...]
     kv_len = len_ref[0]
     limit = jnp.minimum(jnp.max(pos) + 1, kv_len)
 
     @pl.when(start >= limit)
     def _():
-        o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+        _store(o_ref, jnp.full(o_ref.shape, -jnp.inf, jnp.float32), rows, cols, tq, tk)
 
     @pl.when(start < limit)
     def _():
@@ -45,28 +52,27 @@ def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref, *, heads: int):
             return acc + jnp.maximum(s, 0.0) * w_ref[:, h].astype(jnp.float32)[:, None]
 
         acc = jax.lax.fori_loop(0, heads, head, jnp.zeros(o_ref.shape, jnp.float32))
-        cols = start + jnp.arange(bk, dtype=jnp.int32)
-        o_ref[...] = jnp.where(_visible(pos[:, None], kv_len, cols[None, :]), acc, -jnp.inf)
+        _store(o_ref, jnp.where(_visible(pos[:, None], kv_len, cols), acc, -jnp.inf), rows, cols, tq, tk)
 
 
-def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref):
+def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref, *, tk: int):
     bk = k_ref.shape[0]
     start = pl.program_id(2) * bk
+    cols = start + jnp.arange(bk, dtype=jnp.int32)
     pos = pos_ref[0]
     kv_len = len_ref[0]
     limit = jnp.minimum(pos + 1, kv_len)
 
     @pl.when(start >= limit)
     def _():
-        o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+        _store(o_ref, jnp.full(o_ref.shape, -jnp.inf, jnp.float32), 0, cols, 1, tk)
 
     @pl.when(start < limit)
     def _():
         s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)  # [H, bk]
         acc = jnp.sum(jnp.maximum(s, 0.0) * w_ref[...].astype(jnp.float32)[:, None], axis=0)
-        cols = start + jnp.arange(bk, dtype=jnp.int32)
-        o_ref[...] = jnp.where(_visible(pos, kv_len, cols), acc, -jnp.inf)
+        _store(o_ref, jnp.where(_visible(pos, kv_len, cols), acc, -jnp.inf), 0, cols, 1, tk)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_q", "block_k", "num_warps", "num_stages"))
@@ -76,7 +82,13 @@ def indexer_logits(q, k, w, q_pos, kv_len, *, interpret: bool = False, block_q: 
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     bk = min(block_k, next_pow2(Tk))
-    q_pos = q_pos.astype(jnp.int32)
+    bq = 1 if Tq < MIN_DOT_ROWS else min(block_q, next_pow2(Tq))
+    # inputs padded to whole blocks (Triton reads edge blocks unmasked); padded queries see no key
+    tq_pad, tk_pad = pl.cdiv(Tq, bq) * bq - Tq, pl.cdiv(Tk, bk) * bk - Tk
+    q = jnp.pad(q, [(0, 0), (0, tq_pad), (0, 0), (0, 0)])
+    w = jnp.pad(w, [(0, 0), (0, tq_pad), (0, 0)])
+    q_pos = jnp.pad(q_pos.astype(jnp.int32), [(0, 0), (0, tq_pad)], constant_values=-1)
+    k = jnp.pad(k, [(0, 0), (0, tk_pad), (0, 0)])
     kv_len = kv_len.astype(jnp.int32)
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out_shape = jax.ShapeDtypeStruct((B, Tq, Tk), jnp.float32)
@@ -88,14 +100,13 @@ def indexer_logits(q, k, w, q_pos, kv_len, *, interpret: bool = False, block_q: 
                     pl.BlockSpec((None, None, H), lambda b, i, j: (b, i, 0)),
                     pl.BlockSpec((None, 1), lambda b, i, j: (b, i)), len_spec]
         out_spec = pl.BlockSpec((None, None, bk), lambda b, i, j: (b, i, j))
-        kernel = _query_kernel
+        kernel = functools.partial(_query_kernel, tk=Tk)
     else:
-        bq = min(block_q, next_pow2(Tq))
         grid = (B, pl.cdiv(Tq, bq), pl.cdiv(Tk, bk))
         in_specs = [pl.BlockSpec((None, bq, H, D), lambda b, i, j: (b, i, 0, 0)), k_spec,
                     pl.BlockSpec((None, bq, H), lambda b, i, j: (b, i, 0)),
                     pl.BlockSpec((None, bq), lambda b, i, j: (b, i)), len_spec]
         out_spec = pl.BlockSpec((None, bq, bk), lambda b, i, j: (b, i, j))
-        kernel = functools.partial(_block_kernel, heads=H)
+        kernel = functools.partial(_block_kernel, heads=H, tq=Tq, tk=Tk)
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
                           compiler_params=params, interpret=interpret)(q, k, w, q_pos, kv_len)

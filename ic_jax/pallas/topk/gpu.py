@@ -2,7 +2,7 @@
 
 One program per row reads the row once, in chunks. It keeps a buffer (global scratch of `cap` slots, plus `cap` dump slots) of
 candidate (order key, index) pairs and a threshold key `t`: a chunk's elements with key > t are appended
-in index order. When the buffer could overflow it is pruned to between k and cap - chunk candidates by a
+in index order. When the buffer could overflow it is pruned to between k and k + (cap - chunk - k) / 4 candidates by a
 bisection on the int32 order key (count of keys >= mid, in registers), which also raises t. A last exact
 bisection picks the k-th largest key; elements above it plus the lowest-index ties are kept.
 Output: each row's set in ascending key-index order (NOT sorted by value), -1 padded at the end.
@@ -75,7 +75,7 @@ def _kernel(x_ref, o_ref, key_ref, idx_ref, *, k: int, chunk: int, interpret: bo
 
     def step(c, carry):
         n, t = carry
-        n, t = jax.lax.cond(n > cap - chunk, lambda: compact(n, cap - chunk - k), lambda: (n, t))
+        n, t = jax.lax.cond(n > cap - chunk, lambda: compact(n, (cap - chunk - k) // 4), lambda: (n, t))
         first = c * chunk
         start = jnp.minimum(first, tk - chunk)  # the last chunk overlaps the one before: no ragged loads
         idx = start + jnp.arange(chunk, dtype=jnp.int32)
@@ -92,13 +92,13 @@ def _kernel(x_ref, o_ref, key_ref, idx_ref, *, k: int, chunk: int, interpret: bo
 
 
 @functools.partial(jax.jit, static_argnames=("k", "interpret", "chunk", "num_warps"))
-def topk_indices(logits, k: int, *, interpret: bool = False, chunk: int = 4096, num_warps: int = 8):
+def topk_indices(logits, k: int, *, interpret: bool = False, chunk: int = 2048, num_warps: int = 8):
     """Same set as `reference.topk_indices` (ties to the lower index), in ascending index order per row."""
     B, Tq, Tk = logits.shape
     rows = logits.reshape(B * Tq, Tk).astype(jnp.float32)
     kp = next_pow2(k)
     chunk = min(chunk, prev_pow2(Tk))
-    cap = next_pow2(kp + chunk)
+    cap = next_pow2(kp + 2 * chunk)
     out_shape = [jax.ShapeDtypeStruct((B * Tq, kp), jnp.int32),
                  jax.ShapeDtypeStruct((B * Tq, 2 * cap), jnp.int32),
                  jax.ShapeDtypeStruct((B * Tq, 2 * cap), jnp.int32)]
