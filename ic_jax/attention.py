@@ -30,6 +30,7 @@ class RunOptions:
     interpret: bool = False  # run Pallas kernels in interpret mode (CPU)
     index_block: int = 256  # queries per indexer block: logits are [block, Tk] at a time
     remat: bool = False  # rematerialise each layer group in the backward pass
+    collect: bool = False  # training/analysis: dense masked attention, and per-layer aux (see `dense_attention`)
 
     @classmethod
     def for_impl(cls, impl: str = "auto") -> "RunOptions":
@@ -157,3 +158,27 @@ def sparse_attention(q_lat: Float[Array, "B T H C"], q_rope: Float[Array, "B T H
                           kv.reshape(1, L * B * S, C), k_rope.reshape(1, L * B * S, -1), flat, cfg.softmax_scale,
                           implementation=opts.implementation, interpret=opts.interpret)
     return o.reshape(q_lat.shape)
+
+
+def selection_mask(indices: Int[Array, "B T K"], tk: int) -> Array:
+    """Boolean [B, T, tk]: True at the selected keys (-1 entries select nothing)."""
+    B, T, _ = indices.shape
+    safe = jnp.where(indices >= 0, indices, tk)  # out of range: dropped
+    return jnp.zeros((B, T, tk), bool).at[jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], safe].set(
+        True, mode="drop")
+
+
+def dense_attention(q_lat: Float[Array, "B T H C"], q_rope: Float[Array, "B T H R"], kv: Float[Array, "B S C"],
+                    k_rope: Float[Array, "B S R"], indices: Int[Array, "B T K"], cfg: ModelConfig):
+    """The same function as `sparse_attention`, computed densely with the selection as a mask.
+
+    Also returns the head-averaged attention probabilities [B, T, S] (L1-normalised over the selected
+    keys): the indexer's training target. Fine at training lengths: the scores are [B, H, T, S].
+    """
+    s = jnp.einsum("bthc,bsc->bhts", q_lat, kv, preferred_element_type=jnp.float32)
+    s += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)
+    mask = selection_mask(indices, kv.shape[1])[:, None]
+    p = jax.nn.softmax(jnp.where(mask, s * cfg.softmax_scale, -jnp.inf), axis=-1)
+    p = jnp.where(mask, p, 0.0)
+    o = jnp.einsum("bhts,bsc->bthc", p, kv.astype(jnp.float32)).astype(q_lat.dtype)
+    return o, p.mean(axis=1)

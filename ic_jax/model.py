@@ -8,6 +8,7 @@ ops. The caches (latent c_kv, RoPE key, indexer key) are stacked the same way an
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import jax
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from ic_jax.attention import MLA, Indexer, RunOptions, select_topk, sparse_attention
+from ic_jax import pallas as ops
+from ic_jax.attention import MLA, Indexer, RunOptions, dense_attention, select_topk, sparse_attention
 from ic_jax.config import ModelConfig
 from ic_jax.layers import DenseFFN, MoE, RMSNorm, dtype_of, param
 from ic_jax.pattern import LayerKind, Stage, build_stages
@@ -47,23 +49,38 @@ class Block(nnx.Module):
                     else DenseFFN(cfg.hidden_size, cfg.intermediate_size, dtype_of(cfg), rngs, stack, out_std))
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], kv_len: Int[Array, "B"],
-                 cache: dict, layer, indices: Int[Array, "B T K"] | None, opts: RunOptions):
+                 cache: dict, layer, indices: Int[Array, "B T K"] | None, opts: RunOptions, use_own=None):
+        """Returns (x, cache, indices, aux). An F block selects its own top-k, unless the traced flag
+        `use_own` is given and False: then it uses the carried `indices` (see `ic_jax.reuse`).
+        With `opts.collect`, aux holds "attn" (head-averaged probabilities [B, T, S]), "indices", and for F
+        blocks the indexer "logits" [B, T, S], computed from detached inputs; else aux is None."""
         cfg = self.cfg
         h = self.attn_norm(x)
         cq, q_lat, q_rope = self.attn.queries(h, positions)
         c_kv, k_rope = self.attn.latents(h, positions)
         cache = dict(cache, kv=write_cache(cache["kv"], layer, c_kv, positions),
                      k_rope=write_cache(cache["k_rope"], layer, k_rope, positions))
+        aux = {}
         if self.indexer is not None:
             with jax.named_scope("indexer"):
-                keys = write_cache(cache["index_k"], layer, self.indexer.keys(h, positions), positions)
+                h_i, cq_i = jax.lax.stop_gradient((h, cq))  # the indexer learns only from its own loss
+                keys = write_cache(cache["index_k"], layer, self.indexer.keys(h_i, positions), positions)
                 cache["index_k"] = keys
-                q_idx, w_idx = self.indexer.queries(h, cq, positions)
-                indices = select_topk(q_idx, keys[layer], w_idx, positions, kv_len, cfg.index_topk, opts)
-        o_lat = sparse_attention(q_lat, q_rope, cache["kv"], cache["k_rope"], layer, indices, cfg, opts)
+                q_idx, w_idx = self.indexer.queries(h_i, cq_i, positions)
+                own = select_topk(q_idx, keys[layer], w_idx, positions, kv_len, cfg.index_topk, opts)
+                indices = own if use_own is None else jnp.where(use_own, own, indices)
+                if opts.collect:
+                    aux["logits"] = ops.indexer_logits(q_idx, keys[layer], w_idx, positions, kv_len,
+                                                       implementation="xla")
+        if opts.collect:
+            o_lat, aux["attn"] = dense_attention(q_lat, q_rope, cache["kv"][layer], cache["k_rope"][layer],
+                                                 indices, cfg)
+            aux["indices"] = indices
+        else:
+            o_lat = sparse_attention(q_lat, q_rope, cache["kv"], cache["k_rope"], layer, indices, cfg, opts)
         x = x + self.attn.output(o_lat)
         x = x + self.ffn(self.ffn_norm(x), opts.implementation, opts.interpret)
-        return x, cache, indices
+        return x, cache, indices, aux if opts.collect else None
 
 
 class LayerGroup(nnx.Module):
@@ -80,16 +97,17 @@ class LayerGroup(nnx.Module):
         def body(carry, p):
             x, caches, rep = carry
             group = nnx.merge(graphdef, p)
-            caches, indices = list(caches), None
+            caches, indices, aux = list(caches), None, []
             for pos, block in enumerate(group.blocks):
                 with jax.named_scope(f"layer_{tags[pos]}"):
-                    x, caches[pos], indices = block(x, positions, kv_len, caches[pos], rep, indices, opts)
-            return (x, caches, rep + 1), None
+                    x, caches[pos], indices, a = block(x, positions, kv_len, caches[pos], rep, indices, opts)
+                aux.append(a)
+            return (x, caches, rep + 1), aux
 
         if opts.remat:
             body = jax.checkpoint(body)
-        (x, caches, _), _ = jax.lax.scan(body, (x, caches, jnp.int32(0)), params)
-        return x, caches
+        (x, caches, _), aux = jax.lax.scan(body, (x, caches, jnp.int32(0)), params)
+        return x, caches, aux
 
 
 class DSAModel(nnx.Module):
@@ -103,20 +121,25 @@ class DSAModel(nnx.Module):
         self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
     def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: Cache,
-                 opts: RunOptions) -> tuple[Float[Array, "B T D"], Cache]:
+                 opts: RunOptions):
         """Runs all layers on a chunk of tokens at `positions`, writing the chunk into the cache.
 
         Each query sees cache entries s <= its position: prefill chunks, one-shot prefill and decode
-        steps are all this call. Returns the final-normed hidden states.
+        steps are all this call. Returns the final-normed hidden states and the cache, and with
+        `opts.collect` a third item: one aux dict per layer, in layer order (see `Block.__call__`).
         """
         x = self.embed[...][tokens]
         t_max = cache[0][0]["kv"].shape[2]
         kv_len = jnp.minimum(jnp.max(positions, axis=1) + 1, t_max).astype(jnp.int32)
-        new_cache = []
-        for group, c in zip(self.groups, cache):
-            x, c = group.run(x, positions, kv_len, c, opts)
+        new_cache, aux = [], [None] * self.cfg.num_hidden_layers
+        for group, stage, c in zip(self.groups, self.stage_specs, cache):
+            x, c, ys = group.run(x, positions, kv_len, c, opts)
             new_cache.append(c)
-        return self.final_norm(x), new_cache
+            if opts.collect:
+                for pos, rep in itertools.product(range(len(stage.kinds)), range(stage.repeats)):
+                    aux[stage.layer_id(rep, pos)] = jax.tree.map(lambda a: a[rep], ys[pos])
+        h = self.final_norm(x)
+        return (h, new_cache, aux) if opts.collect else (h, new_cache)
 
     def logits(self, h: Float[Array, "... D"]) -> Float[Array, "... V"]:
         return jnp.einsum("...d,dv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
@@ -124,12 +147,14 @@ class DSAModel(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> Cache:
         return init_cache(self.cfg, self.stage_specs, batch, max_len)
 
-    def forward(self, tokens: Int[Array, "B T"], opts: RunOptions = RunOptions()) -> Float[Array, "B T V"]:
-        """Full-sequence logits with a fresh cache: the plain forward pass (training, evaluation, tests)."""
+    def forward(self, tokens: Int[Array, "B T"], opts: RunOptions = RunOptions()):
+        """Full-sequence logits with a fresh cache: the plain forward pass (training, evaluation, tests).
+
+        With `opts.collect`, returns (logits, per-layer aux)."""
         B, T = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        h, _ = self(tokens, positions, self.init_cache(B, T), opts)
-        return self.logits(h)
+        out = self(tokens, positions, self.init_cache(B, T), opts)
+        return (self.logits(out[0]), out[2]) if opts.collect else self.logits(out[0])
 
 
 def init_cache(cfg: ModelConfig, stages: tuple[Stage, ...], batch: int, max_len: int) -> Cache:
