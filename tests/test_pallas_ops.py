@@ -18,7 +18,7 @@ topk_op = importlib.import_module("ic_jax.pallas.topk")
 SMALL_BLOCKS = {
     "pallas_gpu": {"indexer_logits": dict(block_q=16, block_k=32), "topk": dict(chunk=16),
                    "sparse_mla": dict(block_h=4, block_k=8)},
-    "pallas_tpu": {"indexer_logits": dict(block_q=8, block_k=128), "topk": dict(block_rows=8),
+    "pallas_tpu": {"indexer_logits": dict(block_q=8, block_k=32), "topk": dict(block_rows=8),
                    "sparse_mla": dict(block_k=8)},
 }
 IMPLS = sorted(set(il_op.IMPLEMENTATIONS) | set(topk_op.IMPLEMENTATIONS) | set(mla_op.IMPLEMENTATIONS))

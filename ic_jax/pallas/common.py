@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+NEG_INF_KEY = -(2**31) + 0x7FFFFF  # order_key(-inf): finite values (logits hold no NaN) have larger keys
 
 
 def next_pow2(n: int) -> int:
@@ -14,7 +17,16 @@ def prev_pow2(n: int) -> int:
     return 1 << (int(n).bit_length() - 1)
 
 
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 def order_key(x: jax.Array) -> jax.Array:
     """float32 -> int32 whose signed order is the float order (-0.0 sorts just below +0.0)."""
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def tpu_interpret(interpret: bool):
+    """interpret=True runs a TPU kernel on CPU in the TPU interpreter, which raises on out-of-bounds reads."""
+    return pltpu.InterpretParams(out_of_bounds_reads="raise") if interpret else False

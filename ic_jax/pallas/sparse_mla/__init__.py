@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ic_jax.pallas import dispatch
-from ic_jax.pallas.sparse_mla import gpu, reference
+from ic_jax.pallas.sparse_mla import gpu, reference, tpu
 
-IMPLEMENTATIONS = {"xla": reference.sparse_mla, "pallas_gpu": gpu.sparse_mla}
+IMPLEMENTATIONS = {"xla": reference.sparse_mla, "pallas_gpu": gpu.sparse_mla, "pallas_tpu": tpu.sparse_mla}
 
 
 def sparse_mla(q_lat, q_rope, kv, k_rope, indices, scale: float, *, implementation: str | None = None,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ic_jax.pallas import dispatch
-from ic_jax.pallas.topk import gpu, reference
+from ic_jax.pallas.topk import gpu, reference, tpu
 
-IMPLEMENTATIONS = {"xla": reference.topk_indices, "pallas_gpu": gpu.topk_indices}
+IMPLEMENTATIONS = {"xla": reference.topk_indices, "pallas_gpu": gpu.topk_indices, "pallas_tpu": tpu.topk_indices}
 
 
 def topk_indices(logits, k: int, *, implementation: str | None = None, interpret: bool = False):

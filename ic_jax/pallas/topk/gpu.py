@@ -1,9 +1,10 @@
 """Top-k selection on GPU: a streaming threshold select, Pallas with the Triton lowering.
 
-One program per row reads the row once, in chunks. It keeps a buffer (global scratch of `cap` slots, plus `cap` dump slots) of
-candidate (order key, index) pairs and a threshold key `t`: a chunk's elements with key > t are appended
-in index order. When the buffer could overflow it is pruned to between k and k + (cap - chunk - k) / 4 candidates by a
-bisection on the int32 order key (count of keys >= mid, in registers), which also raises t. A last exact
+One program per row reads the row once, in chunks. It keeps a buffer of candidate (order key, index)
+pairs (global scratch: `cap` slots plus `cap` dump slots) and a threshold key `t`: a chunk's elements
+with key > t are appended in index order. When the buffer could overflow it is pruned to between k and
+k + (cap - chunk - k) / 4 candidates by a bisection on the int32 order key (count of keys >= mid, in
+registers), which also raises t. A last exact
 bisection picks the k-th largest key; elements above it plus the lowest-index ties are kept.
 Output: each row's set in ascending key-index order (NOT sorted by value), -1 padded at the end.
 Exact and deterministic; a row read once when its values are in random order, more prunes (never more
@@ -19,11 +20,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ic_jax.pallas.common import next_pow2, order_key, prev_pow2
+from ic_jax.pallas.common import NEG_INF_KEY, next_pow2, order_key, prev_pow2
 
 INT_MIN = jnp.iinfo(jnp.int32).min
 INT_MAX = jnp.iinfo(jnp.int32).max
-NEG_INF_KEY = -(2**31) + 0x7FFFFF  # order_key(-inf): only finite values (no NaN in logits) pass key > it
 
 
 def _count(key, valid, t):
