@@ -1,0 +1,101 @@
+"""Evaluate patterns side by side: held-out LM loss and perplexity, and key-value retrieval accuracy at
+several context lengths.
+
+  python -m ic_jax.eval --ckpt runs/m --patterns FFFF keep:0.5 @runs/search/keep0.5.json --extra-ckpt runs/d
+
+Each --patterns entry is evaluated on the --ckpt weights; each --extra-ckpt (a distilled checkpoint, say)
+under its own pattern.json. Retrieval (see `ic_jax.data`): a table of keys and 4-digit values at the start,
+real code as filler, the lookup at the end; a sample counts as right when greedy (argmax) prediction gets
+every digit of the value. All rows run through one compiled program per sequence length (`ic_jax.reuse`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ic_jax.attention import RunOptions
+from ic_jax.checkpoint import atomic_write_text, default_pattern, load_checkpoint, read_config
+from ic_jax.data import ANSWER_DIGITS, DEFAULT_DATA, Corpus, load_split, resolve_files, retrieval_set
+from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.pattern import parse_pattern
+from ic_jax.reuse import ReuseEvaluator
+from ic_jax.search import trained_seq_len
+
+
+def retrieval_accuracy(ev: ReuseEvaluator, own, tokens: np.ndarray, starts: np.ndarray) -> float:
+    argmax = ev.run(own, tokens)[1]
+    rows = np.arange(len(tokens))[:, None]
+    cols = starts[:, None] + np.arange(ANSWER_DIGITS)[None]
+    return float(np.mean(np.all(argmax[rows, cols - 1] == tokens[rows, cols], axis=1)))
+
+
+def evaluate(ev: ReuseEvaluator, pattern: str, heldout: np.ndarray, retrieval: dict) -> dict:
+    own = [c == "F" for c in pattern]
+    loss = float(np.mean(ev.token_losses(own, heldout)))
+    row = {"pattern": pattern, "indexers": pattern.count("F"), "loss": round(loss, 4),
+           "ppl": round(float(np.exp(loss)), 3)}
+    for length, (tokens, starts) in retrieval.items():
+        row[f"retrieval@{length}"] = round(retrieval_accuracy(ev, own, tokens, starts), 4)
+    return row
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m ic_jax.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint directory evaluated under each --patterns entry")
+    p.add_argument("--patterns", nargs="*", default=[], help="pattern specs (any --pattern spelling, e.g. @file)")
+    p.add_argument("--extra-ckpt", nargs="*", default=[], help="more checkpoints, each under its own pattern.json")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="glob of held-out files (quote it); default: the held-out files of the stdlib corpus")
+    p.add_argument("--seqs", type=int, default=32, help="held-out sequences for the LM loss (default 32)")
+    p.add_argument("--seq-len", type=int, help="held-out sequence length (default: the training context)")
+    p.add_argument("--lengths", type=int, nargs="*", help="retrieval lengths (default: 1/4, 1/2 and 1 x seq-len)")
+    p.add_argument("--retrieval-n", type=int, default=64, help="retrieval samples per length (default 64)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per forward (default 8)")
+    p.add_argument("--impl", default="auto", help="op implementation: auto | xla | pallas (default auto)")
+    p.add_argument("--out", help="also write the table as JSON here")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    a = p.parse_args(argv)
+    if not a.patterns and not a.extra_ckpt:
+        raise UserError("nothing to evaluate: give --patterns and/or --extra-ckpt")
+    if a.seqs < 1 or a.retrieval_n < 1 or a.batch < 1:
+        raise UserError("--seqs, --retrieval-n and --batch must be >= 1")
+    n = read_config(a.ckpt).num_hidden_layers
+    rows = [(spec, a.ckpt, parse_pattern(spec, n)) for spec in a.patterns]
+    for d in a.extra_ckpt:
+        rows.append((Path(d).name, d, parse_pattern(default_pattern(d), read_config(d).num_hidden_layers)))
+    seq_len = a.seq_len or trained_seq_len(a.ckpt)
+    lengths = a.lengths or sorted({seq_len // 4, seq_len // 2, seq_len})
+    held = load_split(a.data, 0.05)[1] if a.data == DEFAULT_DATA else Corpus(resolve_files(a.data))
+    heldout = held.windows(np.random.default_rng(99), a.seqs, seq_len)
+    retrieval = {length: retrieval_set(held, a.retrieval_n, length, seed=length) for length in lengths}
+    opts = RunOptions.for_impl(a.impl)
+    evaluators: dict[str, ReuseEvaluator] = {}
+    table = []
+    for label, ckpt, pattern in tqdm(rows, desc="eval", file=sys.stderr, dynamic_ncols=True):
+        if ckpt not in evaluators:
+            cfg = read_config(ckpt)
+            evaluators[ckpt] = ReuseEvaluator(load_checkpoint(ckpt, "F" * cfg.num_hidden_layers), a.batch, opts)
+        table.append({"label": label, "ckpt": ckpt, **evaluate(evaluators[ckpt], pattern, heldout, retrieval)})
+    result = {"seq_len": seq_len, "heldout_seqs": a.seqs, "retrieval_n": a.retrieval_n, "rows": table}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(a.out), json.dumps(result, indent=1))
+    if a.json:
+        print(json.dumps(result))
+    else:
+        cols = ["loss", "ppl"] + [f"retrieval@{n_}" for n_ in lengths]
+        print(f"{'label':<28} {'F':>3} " + " ".join(f"{c:>13}" for c in cols))
+        for r in table:
+            print(f"{r['label'][:28]:<28} {r['indexers']:>3} " + " ".join(f"{r[c]:>13}" for c in cols))
+    return 0
+
+
+main = cli_entry(main)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,92 @@
+"""Pairwise top-k overlap between layers: O[i, j] = |T_i ∩ T_j| / k, averaged over tokens.
+
+  python -m ic_jax.overlap --ckpt runs/m --pattern @runs/search/keep0.25.json --out runs/overlap
+
+T_i is the set layer i's own indexer selects (the model runs all F). Only tokens with at least k visible
+keys count (earlier tokens select everything they see, in every layer). Writes OUT.json and a heatmap
+OUT.png; with --pattern, the pattern's groups (an F layer and the S layers it serves) are boxed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from ic_jax.attention import RunOptions, selection_mask
+from ic_jax.checkpoint import atomic_write_text, load_checkpoint, read_config
+from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.pattern import parse_pattern
+from ic_jax.plots import overlap_heatmap
+from ic_jax.search import calibration, trained_seq_len
+from ic_jax.data import DEFAULT_DATA
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def overlap_counts(graphdef, params, tokens):
+    """Sum over counted tokens of |T_i ∩ T_j| [N, N], and the number of counted tokens."""
+    model = nnx.merge(graphdef, params)
+    _, aux = model.forward(tokens, RunOptions(collect=True, index_block=tokens.shape[1]))
+    k, T = model.cfg.index_topk, tokens.shape[1]
+    masks = jnp.stack([selection_mask(a["indices"], T)[:, k - 1:] for a in aux]).astype(jnp.float32)
+    return jnp.einsum("ibts,jbts->ij", masks, masks), masks.shape[1] * masks.shape[2]
+
+
+def overlap_matrix(model, tokens: np.ndarray, batch: int) -> np.ndarray:
+    if tokens.shape[1] < model.cfg.index_topk:
+        raise UserError(f"sequences of {tokens.shape[1]} tokens never reach k = {model.cfg.index_topk} visible keys")
+    graphdef, params = nnx.split(model)
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(tokens), batch), desc="overlap", file=sys.stderr, dynamic_ncols=True):
+        s, c = overlap_counts(graphdef, params, jnp.asarray(tokens[i:i + batch]))
+        total, count = total + np.asarray(s), count + int(c)
+    return total / (count * model.cfg.index_topk)
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m ic_jax.overlap", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (every layer needs its indexer)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="glob of text files (quote it); default: the held-out files of the stdlib corpus")
+    p.add_argument("--seqs", type=int, default=8, help="sequences to average over (default 8)")
+    p.add_argument("--seq-len", type=int, help="sequence length (default: the training context)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per forward (default 4)")
+    p.add_argument("--pattern", help="a pattern to draw on the heatmap (any --pattern spelling)")
+    p.add_argument("--out", default="overlap", help="output stem: writes OUT.json and OUT.png (default overlap)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    a = p.parse_args(argv)
+    if a.seqs < 1 or a.batch < 1:
+        raise UserError("--seqs and --batch must be >= 1")
+    n = read_config(a.ckpt).num_hidden_layers
+    pattern = parse_pattern(a.pattern, n) if a.pattern else None
+    model = load_checkpoint(a.ckpt, "F" * n)
+    tokens = calibration(a.data, a.seqs, a.seq_len or trained_seq_len(a.ckpt), 0.05)
+    m = overlap_matrix(model, tokens, a.batch)
+    adjacent = float(np.mean(np.diag(m, 1))) if n > 1 else 1.0
+    result = {"ckpt": a.ckpt, "layers": n, "k": model.cfg.index_topk, "seq_len": tokens.shape[1],
+              "seqs": len(tokens), "adjacent_mean": round(adjacent, 4), "pattern": pattern,
+              "matrix": np.round(m, 4).tolist()}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result))
+    overlap_heatmap(m, out.with_suffix(".png"), f"top-k overlap, {Path(a.ckpt).name} (k={model.cfg.index_topk}, "
+                    f"T={tokens.shape[1]}); adjacent layers {adjacent:.2f}", pattern)
+    if a.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "matrix"}))
+    else:
+        print(f"mean overlap of adjacent layers {adjacent:.3f}, first vs last {m[0, -1]:.3f}; "
+              f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return 0
+
+
+main = cli_entry(main)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""PNG plots for the analysis commands (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+
+def overlap_heatmap(matrix: np.ndarray, path: Path, title: str, pattern: str | None = None) -> None:
+    """The layer x layer overlap; with a pattern, each F layer's group (it and its S layers) is boxed
+    and the axis labels carry F/S."""
+    n = len(matrix)
+    fig, ax = plt.subplots(figsize=(6 + n / 8, 5 + n / 8))
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    fig.colorbar(im, ax=ax, label="|T_i ∩ T_j| / k")
+    labels = [f"{i}{pattern[i] if pattern else ''}" for i in range(n)]
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    if pattern:
+        starts = [i for i, c in enumerate(pattern) if c == "F"] + [n]
+        for a, b in zip(starts, starts[1:]):
+            ax.add_patch(Rectangle((a - 0.5, a - 0.5), b - a, b - a, fill=False, edgecolor="red", linewidth=1.5))
+        title += f"\npattern {pattern}"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("layer j")
+    ax.set_ylabel("layer i")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves(series: dict[str, tuple[list, list]], path: Path, title: str, xlabel: str, ylabel: str,
+           hline: float | None = None) -> None:
+    """One line per named (x, y) series; an optional dashed reference level."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", markersize=3, label=name)
+    if hline is not None:
+        ax.axhline(hline, color="gray", linestyle="--", linewidth=1, label="all F")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,186 @@
+"""Pretrain a DSA model from scratch on text or code, with DeepSeek's two-stage indexer recipe.
+
+  python -m ic_jax.train --config configs/code_small.json --out runs/small --steps 2000 --dense-steps 500
+
+Stage 1 (dense, the first --dense-steps steps): attention over every visible key (top-k set to the context
+length); the LM loss trains the model, and each indexer learns by KL to its layer's head-averaged,
+L1-normalised attention. The indexer's inputs are detached, so the two losses train disjoint parameters.
+Stage 2 (sparse): real top-k; the indexer's KL is taken over the selected keys, the LM loss trains the rest.
+
+Training data: random byte windows of the train files, with --retrieval-frac of the rows replaced by
+key-value lookups (see `ic_jax.data`) so that the model learns to use far context.
+State (params, optimizer, loss history) is saved with orbax every --save-every steps under OUT.state/;
+a killed run, started again with the same arguments, resumes there: batches are a function of
+(seed, step), so the resumed run ends exactly where an uninterrupted one would. The finished model is
+written to OUT as an ic_jax checkpoint (all layers keep their indexer; no pattern).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm import tqdm
+
+from ic_jax.attention import RunOptions
+from ic_jax.checkpoint import save_checkpoint
+from ic_jax.config import load_config
+from ic_jax.data import DEFAULT_DATA, load_split, training_batch
+from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.losses import indexer_loss, lm_loss
+from ic_jax.model import DSAModel
+from ic_jax.reuse import ReuseEvaluator
+
+
+def graphdef_for(cfg, pattern: str):
+    return nnx.graphdef(nnx.eval_shape(lambda: DSAModel(cfg, pattern, nnx.Rngs(0))))
+
+
+def make_step(graphdef, tx, opts: RunOptions, pattern: str, lm_weight: float, kl_weight: float = 1.0):
+    """One jitted optimizer step on lm_weight * LM + kl_weight * indexer_loss(pattern)."""
+
+    def loss_fn(params, tokens):
+        logits, aux = nnx.merge(graphdef, params).forward(tokens, opts)
+        lm, ikl = lm_loss(logits, tokens), indexer_loss(aux, pattern)
+        return lm_weight * lm + kl_weight * ikl, {"lm": lm, "kl": ikl}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, tokens):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return step
+
+
+class StateStore:
+    """Orbax-managed training state: params and optimizer leaves, the loss history, and the run's settings."""
+
+    def __init__(self, path: Path, settings: dict):
+        self.settings = settings
+        self.mngr = ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+    def restore(self, template):
+        """(step, tree, history) of the latest save, or (0, template, []) when there is none."""
+        step = self.mngr.latest_step()
+        if step is None:
+            return 0, template, []
+        got = self.mngr.restore(step, args=ocp.args.Composite(
+            leaves=ocp.args.StandardRestore(), info=ocp.args.JsonRestore()))
+        if got.info["settings"] != self.settings:
+            raise UserError(f"{self.mngr.directory} holds a run with other settings "
+                            f"({json.dumps(got.info['settings'])}); delete it or choose another --out")
+        leaves = [got.leaves[str(i)] for i in range(len(got.leaves))]
+        return step, jax.tree.unflatten(jax.tree.structure(template), leaves), got.info["history"]
+
+    def save(self, step: int, tree, history: list):
+        leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
+        self.mngr.save(step, args=ocp.args.Composite(
+            leaves=ocp.args.StandardSave(leaves),
+            info=ocp.args.JsonSave({"settings": self.settings, "history": history})))
+        self.mngr.wait_until_finished()
+
+
+def run_steps(store: StateStore, steps: list, tree, total: int, batch_fn, save_every: int, log_every: int,
+              desc: str, time_limit: float | None = None):
+    """Runs `total` steps, steps[i] being the (params, opt) -> (params, opt, metrics) function of step i,
+    resuming from the store and saving to it; stops early (saved) after `time_limit` seconds.
+    Returns (tree, history, steps done)."""
+    deadline = time.monotonic() + time_limit if time_limit else None
+    start, tree, history = store.restore(tree)
+    params, opt_state = tree
+    bar = tqdm(range(start, total), initial=start, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+    for i in bar:
+        params, opt_state, metrics = steps[i](params, opt_state, batch_fn(i))
+        if (i + 1) % log_every == 0 or i + 1 == total:
+            history.append({"step": i + 1, **{k: round(float(v), 5) for k, v in metrics.items()}})
+            bar.set_postfix({k: history[-1][k] for k in metrics})
+        late = deadline is not None and time.monotonic() > deadline
+        if (i + 1) % save_every == 0 or i + 1 == total or late:
+            store.save(i + 1, (params, opt_state), history)
+        if late:
+            return (params, opt_state), history, i + 1
+    return (params, opt_state), history, total
+
+
+def heldout_report(model: DSAModel, held, n: int, length: int, pattern: str | None = None) -> dict:
+    """Held-out LM loss of the all-F `model` under `pattern` (default all F)."""
+    tokens = held.windows(np.random.default_rng(0), n, length)
+    own = [c == "F" for c in pattern or "F" * model.cfg.num_hidden_layers]
+    loss = float(np.mean(ReuseEvaluator(model).token_losses(own, tokens)))
+    return {"heldout_loss": round(loss, 4), "heldout_ppl": round(float(np.exp(loss)), 3)}
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m ic_jax.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny", help="model config: a preset name or a JSON path (default tiny)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="glob of text/code files (quote it; ** recurses); default: the Python standard library")
+    p.add_argument("--heldout-frac", type=float, default=0.05, help="fraction of files held out (default 0.05)")
+    p.add_argument("--out", required=True, help="output checkpoint directory; training state goes to OUT.state/")
+    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (default 1000)")
+    p.add_argument("--dense-steps", type=int, default=200, help="steps of the dense stage, first (default 200)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="training context in tokens (bytes) (default 256)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
+    p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps (default 100)")
+    p.add_argument("--retrieval-frac", type=float, default=0.25,
+                   help="fraction of rows that are key-value retrieval samples (default 0.25)")
+    p.add_argument("--save-every", type=int, default=200, help="save the training state every N steps (default 200)")
+    p.add_argument("--log-every", type=int, default=10, help="record the losses every N steps (default 10)")
+    p.add_argument("--remat", action="store_true", help="rematerialise layer groups in the backward pass (less memory)")
+    p.add_argument("--time-limit", type=float, help="stop (state saved, checkpoint written) after this many seconds")
+    p.add_argument("--seed", type=int, default=0, help="init and data seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config)
+    if not 0 < a.seq_len <= cfg.max_position_embeddings:
+        raise UserError(f"--seq-len {a.seq_len} must be in 1..max_position_embeddings ({cfg.max_position_embeddings})")
+    if not 0 <= a.dense_steps <= a.steps or a.steps < 1 or a.batch < 1 or a.save_every < 1 or a.log_every < 1:
+        raise UserError("need --steps >= 1, 0 <= --dense-steps <= --steps, and --batch/--save-every/--log-every >= 1")
+    if not 0 <= a.retrieval_frac <= 1 or not 0 < a.heldout_frac < 1:
+        raise UserError("--retrieval-frac must be in [0, 1] and --heldout-frac in (0, 1)")
+    train, held = load_split(a.data, a.heldout_frac)
+    n = cfg.num_hidden_layers
+    all_f = "F" * n
+    model = DSAModel(cfg, all_f, nnx.Rngs(a.seed))
+    graphdef, params = nnx.split(model)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, a.lr, min(a.warmup, a.steps - 1), a.steps, a.lr * 0.1), weight_decay=0.01))
+    opts = RunOptions(collect=True, remat=a.remat, index_block=a.seq_len)
+    dense = make_step(graphdef_for(cfg.replace(index_topk=max(cfg.index_topk, a.seq_len)), all_f), tx, opts, all_f, 1.0)
+    sparse = make_step(graphdef, tx, opts, all_f, 1.0)
+    settings = {k: v for k, v in vars(a).items() if k not in ("json", "save_every", "log_every", "remat", "time_limit")}
+    settings["config"] = cfg.to_dict()
+    store = StateStore(Path(a.out + ".state"), settings)
+    (params, _), history, done = run_steps(
+        store, [dense] * a.dense_steps + [sparse] * (a.steps - a.dense_steps), (params, tx.init(params)), a.steps,
+        lambda i: training_batch(np.random.default_rng([a.seed, i]), train, a.batch, a.seq_len, a.retrieval_frac),
+        a.save_every, a.log_every, "train", a.time_limit)
+    model = nnx.merge(graphdef, params)
+    report = {"out": a.out, "steps": done, "planned_steps": a.steps, "dense_steps": a.dense_steps, "layers": n,
+              "seq_len": a.seq_len, "index_topk": cfg.index_topk, "train_files": train.num_files,
+              "heldout_files": held.num_files, "params": sum(x.size for x in jax.tree.leaves(params)),
+              **heldout_report(model, held, 8, a.seq_len), "final": history[-1]}
+    save_checkpoint(a.out, model, meta={**report, "settings": settings, "history": history})
+    if a.json:
+        print(json.dumps(report))
+    else:
+        print(f"trained {n} layers for {done} of {a.steps} steps ({a.dense_steps} dense): final LM loss {history[-1]['lm']}, "
+              f"indexer KL {history[-1]['kl']}; held-out loss {report['heldout_loss']} "
+              f"(ppl {report['heldout_ppl']}); checkpoint {a.out}")
+    return 0
+
+
+main = cli_entry(main)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
