@@ -71,7 +71,7 @@ def schedule(group_sizes: Int[Array, "G"], m_pad: int, bm: int):
 
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "num_warps", "num_stages", "interpret"))
 def grouped_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], group_sizes: Int[Array, "G"], *,
-                   bm: int = 128, bn: int = 128, bk: int = 64, num_warps: int = 8, num_stages: int = 3,
+                   bm: int = 128, bn: int = 128, bk: int = 64, num_warps: int = 8, num_stages: int = 4,
                    interpret: bool = False) -> Float[Array, "M N"]:
     """`reference.grouped_matmul` semantics (f32 accumulation, output x.dtype); forward only."""
     (M, K), (G, _, N) = x.shape, w.shape
