@@ -26,7 +26,7 @@ from ic_jax.layers import LayerNorm, RMSNorm, apply_rope, dtype_of, hadamard, pa
 class RunOptions:
     """Static choices for one compiled forward: op implementation and block sizes."""
 
-    implementation: str = "xla"  # op implementation: xla | pallas_gpu | pallas_tpu
+    implementation: str | None = "xla"  # xla | pallas_gpu | pallas_tpu | None (each op picks per call)
     interpret: bool = False  # run Pallas kernels in interpret mode (CPU)
     index_block: int = 256  # queries per indexer block: logits are [block, Tk] at a time
     remat: bool = False  # rematerialise each layer group in the backward pass

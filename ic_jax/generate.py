@@ -48,8 +48,8 @@ def parse_args(argv):
     src.add_argument("--seed", type=int, default=0, help="seed for random init and for sampling (default 0)")
     src.add_argument("--pattern", help=PATTERN_HELP)
     src.add_argument("--impl", choices=MODEL_IMPLS, default="auto",
-                     help="op implementation: auto = Pallas kernels on GPU/TPU, XLA on CPU; pallas on CPU runs "
-                          "the kernels in interpret mode (slow)")
+                     help="op implementation: auto = Pallas kernels on GPU/TPU (XLA for decode-sized calls where it "
+                          "measured faster), XLA on CPU; pallas = always the kernels (interpret mode on CPU, slow)")
     par = p.add_argument_group("parallelism")
     par.add_argument("--mesh", default="", help="device mesh as axis=size over data,tensor,expert (e.g. "
                      "data=2,tensor=4); params are sharded by their logical axes. Default: no sharding")
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     texts = [tok.decode(o) for o in outs]
     summary = {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "ttft_s": round(stats.ttft_s, 4),
                "decode_tok_s": round(stats.decode_tok_s, 2), "indexer_layers": n_full,
-               "num_layers": cfg.num_hidden_layers, "pattern": model.pattern, "impl": opts.implementation,
+               "num_layers": cfg.num_hidden_layers, "pattern": model.pattern, "impl": opts.implementation or "auto",
                "backend": jax.default_backend()}
     if a.json:
         print(json.dumps({"completions": texts, **summary}))
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
             print(f"--- prompt: {p!r}\n{p}{t}")
     ttft_note = "" if a.warmup else " incl. compile"
     print(f"[{stats.prompt_tokens} prompt tokens | TTFT {stats.ttft_s:.3f}s{ttft_note} | decode {stats.decode_tok_s:.1f} tok/s "
-          f"| {n_full} of {cfg.num_hidden_layers} layers run the indexer | impl {opts.implementation}]", file=sys.stderr)
+          f"| {n_full} of {cfg.num_hidden_layers} layers run the indexer | impl {opts.implementation or 'auto'}]", file=sys.stderr)
     return 0
 
 

@@ -20,6 +20,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from ic_jax.attention import RunOptions
+from ic_jax.checkpoint import atomic_write_text
 from ic_jax.config import load_config
 from ic_jax.engine import Engine, decode_step, prefill_chunk
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
@@ -53,7 +54,7 @@ def random_model(cfg, pattern: str, seed: int) -> DSAModel:
     return nnx.merge(graphdef, state)
 
 
-def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, bar) -> list[dict]:
+def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, bar, save) -> list[dict]:
     t = time.perf_counter()
     engine = Engine(random_model(cfg, pattern, a.seed), opts)
     jax.block_until_ready(engine.params)
@@ -90,6 +91,7 @@ def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, ba
         bar.write(f"  {ctx}: prefill {prefill_s:.2f}s, decode {decode_tok_s:.1f} tok/s")
         rows.append({"pattern": pattern, "indexers": pattern.count("F"), "context": ctx, "batch": a.batch,
                      "prefill_s": prefill_s, "decode_tok_s": decode_tok_s})
+        save(rows)
         bar.update(1)
         del cache
     return rows
@@ -121,16 +123,25 @@ def main(argv=None) -> int:
         raise UserError(f"context {max(contexts)} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     patterns = [parse_pattern(s, cfg.num_hidden_layers) for s in a.patterns]
     opts = RunOptions.for_impl(a.impl)
-    impl = opts.implementation
-    rows = []
+    impl = opts.implementation or "auto"
+    device = jax.devices()[0].device_kind
+    rows: list[dict] = []
+
+    def save(more: list[dict]) -> None:
+        """Writes every point measured so far, so an interrupted run keeps its numbers."""
+        if a.json:
+            atomic_write_text(a.json, json.dumps({"device": device, "jax": jax.__version__, "impl": impl,
+                                                  "config": a.config, "layers": cfg.num_hidden_layers,
+                                                  "rows": rows + more}, indent=2))
+
     with tqdm(total=len(patterns) * len(contexts), desc="e2e", unit="point") as bar:
         for pattern in patterns:
-            rows += time_pattern(cfg, pattern, contexts, a, opts, bar)
+            rows += time_pattern(cfg, pattern, contexts, a, opts, bar, save)
     base = {r["context"]: r for r in rows if r["pattern"] == patterns[0]}
     for r in rows:
         r["prefill_speedup"] = base[r["context"]]["prefill_s"] / r["prefill_s"]
         r["decode_speedup"] = r["decode_tok_s"] / base[r["context"]]["decode_tok_s"]
-    device = jax.devices()[0].device_kind
+    save([])
     print(f"\n{cfg.num_hidden_layers} layers, {device}, jax {jax.__version__}, impl {impl}, batch {a.batch}, "
           f"chunk {a.chunk_size}")
     print(f"{'context':>8} {'indexers':>9} {'prefill s':>10} {'speedup':>8} {'decode tok/s':>13} {'speedup':>8}"
@@ -140,9 +151,6 @@ def main(argv=None) -> int:
         paper = f"{ref[0]}/{ref[1]} s, {ref[2]}/{ref[3]}" if ref else "-"
         print(f"{r['context']:>8} {r['indexers']:>5}/{cfg.num_hidden_layers:<3} {r['prefill_s']:>10.3f} "
               f"{r['prefill_speedup']:>7.2f}x {r['decode_tok_s']:>13.1f} {r['decode_speedup']:>7.2f}x | {paper}")
-    if a.json:
-        a.json.write_text(json.dumps({"device": device, "jax": jax.__version__, "impl": impl,
-                                      "config": a.config, "layers": cfg.num_hidden_layers, "rows": rows}, indent=2))
     return 0
 
 

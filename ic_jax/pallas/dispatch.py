@@ -21,20 +21,29 @@ def pallas_name() -> str:
     return "pallas_tpu" if backend() == "tpu" else "pallas_gpu"
 
 
-def op_implementation(impl: str) -> tuple[str, bool]:
-    """Maps the model-level choice (auto | xla | pallas) to (op implementation, interpret)."""
+def op_implementation(impl: str) -> tuple[str | None, bool]:
+    """Maps the model-level choice (auto | xla | pallas) to (op implementation, interpret).
+
+    auto is None on GPU/TPU: each op then picks per call (see `call`); on CPU it is XLA.
+    """
     if impl not in MODEL_IMPLS:
         raise UserError(f"--impl {impl!r} is not one of {', '.join(MODEL_IMPLS)}")
     if impl == "xla" or (impl == "auto" and backend() == "cpu"):
         return "xla", False
+    if impl == "auto":
+        return None, False
     return pallas_name(), backend() == "cpu"
 
 
-def select(op: str, implementation: str | None, table: dict[str, Callable]) -> Callable:
+def call(op: str, table: dict[str, Callable], args: tuple, *, implementation: str | None, interpret: bool,
+         small: bool = False):
+    """Runs `op` with the chosen implementation. None picks the backend's Pallas kernel, except for
+    `small` (decode-sized) calls on GPU, where one kernel program per row leaves most of the chip idle and
+    XLA measured faster (BENCHMARKS.md, kernels table)."""
     if implementation is None:
-        implementation = pallas_name() if backend() != "cpu" else "xla"
-        if implementation not in table:
-            implementation = "xla"
+        cpu_or_small = backend() == "cpu" or (small and backend() == "gpu")
+        implementation = "xla" if cpu_or_small or pallas_name() not in table else pallas_name()
     if implementation not in table:
         raise UserError(f"{op}: implementation {implementation!r} is not available; choose from {', '.join(table)}")
-    return table[implementation]
+    fn = table[implementation]
+    return fn(*args) if implementation == "xla" else fn(*args, interpret=interpret)

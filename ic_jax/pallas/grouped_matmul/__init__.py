@@ -10,7 +10,5 @@ IMPLEMENTATIONS = {"xla": reference.grouped_matmul, "pallas_gpu": gpu.grouped_ma
 
 def grouped_matmul(x, w, group_sizes, *, implementation: str | None = None, interpret: bool = False):
     """See `reference.grouped_matmul` for the contract; `implementation` picks the kernel."""
-    fn = dispatch.select("grouped_matmul", implementation, IMPLEMENTATIONS)
-    if fn is reference.grouped_matmul:
-        return fn(x, w, group_sizes)
-    return fn(x, w, group_sizes, interpret=interpret)
+    return dispatch.call("grouped_matmul", IMPLEMENTATIONS, (x, w, group_sizes),
+                         implementation=implementation, interpret=interpret)

@@ -10,7 +10,5 @@ IMPLEMENTATIONS = {"xla": reference.indexer_logits, "pallas_gpu": gpu.indexer_lo
 
 def indexer_logits(q, k, w, q_pos, kv_len, *, implementation: str | None = None, interpret: bool = False):
     """See `reference.indexer_logits` for the contract; `implementation` picks the kernel."""
-    fn = dispatch.select("indexer_logits", implementation, IMPLEMENTATIONS)
-    if fn is reference.indexer_logits:
-        return fn(q, k, w, q_pos, kv_len)
-    return fn(q, k, w, q_pos, kv_len, interpret=interpret)
+    return dispatch.call("indexer_logits", IMPLEMENTATIONS, (q, k, w, q_pos, kv_len),
+                         implementation=implementation, interpret=interpret)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from ic_jax.pallas import dispatch
 from ic_jax.pallas.sparse_mla import gpu, reference, tpu
 
+SMALL_QUERIES = 64  # decode batches up to this: XLA measured faster (H200: 0.31 vs 0.56 ms at 64 x 200K)
 IMPLEMENTATIONS = {"xla": reference.sparse_mla, "pallas_gpu": gpu.sparse_mla, "pallas_tpu": tpu.sparse_mla}
 
 
 def sparse_mla(q_lat, q_rope, kv, k_rope, indices, scale: float, *, implementation: str | None = None,
                interpret: bool = False):
     """See `reference.sparse_mla` for the contract; `implementation` picks the kernel."""
-    fn = dispatch.select("sparse_mla", implementation, IMPLEMENTATIONS)
-    if fn is reference.sparse_mla:
-        return fn(q_lat, q_rope, kv, k_rope, indices, scale)
-    return fn(q_lat, q_rope, kv, k_rope, indices, scale, interpret=interpret)
+    return dispatch.call("sparse_mla", IMPLEMENTATIONS, (q_lat, q_rope, kv, k_rope, indices, scale),
+                         implementation=implementation, interpret=interpret, small=q_lat.shape[0] * q_lat.shape[1] <= SMALL_QUERIES)
