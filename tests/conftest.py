@@ -202,8 +202,10 @@ def moe(p, x, cfg):
 # indexer, attention, whole model
 
 
-def indexer_logits(p, h, cq, cfg, pos):
-    """I[b, t, s] = sum_h w[b,t,h] relu(q[b,t,h] . k[b,s]), -inf for s > t (indexcache.md section 1)."""
+def indexer_qkw(p, h, cq, cfg, pos):
+    """Indexer queries [B, T, H_I, D_I], keys [B, T, D_I] and head weights [B, T, H_I] (section 1):
+    q = W_q c_q, k = LayerNorm(W_k h), RoPE on the first qk_rope_head_dim dims, optional Hadamard rotation,
+    w = W_w h * H_I^-1/2 * D_I^-1/2."""
     R, HI, DI = cfg.qk_rope_head_dim, cfg.index_n_heads, cfg.index_head_dim
     q = np.einsum("btq,qhd->bthd", cq, p["wq"])
     q = np.concatenate([rope(q[..., :R], pos, cfg, cfg.indexer_rope_interleave), q[..., R:]], axis=-1)
@@ -213,6 +215,12 @@ def indexer_logits(p, h, cq, cfg, pos):
         Hm = hadamard(DI)
         q, k = q @ Hm, k @ Hm
     w = (h @ p["w_heads"]) * HI**-0.5 * DI**-0.5
+    return q, k, w
+
+
+def indexer_logits(p, h, cq, cfg, pos):
+    """I[b, t, s] = sum_h w[b,t,h] relu(q[b,t,h] . k[b,s]), -inf for s > t (indexcache.md section 1)."""
+    q, k, w = indexer_qkw(p, h, cq, cfg, pos)
     I = np.einsum("bth,bths->bts", w, np.maximum(np.einsum("bthd,bsd->bths", q, k), 0.0))
     T = h.shape[1]
     return np.where(np.tril(np.ones((T, T), bool))[None], I, -np.inf)

@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 import ic_jax.model as model_mod
-from ic_jax.attention import RunOptions
+from ic_jax import pallas as ops
+from ic_jax.attention import Indexer, RunOptions
 from ic_jax.model import DSAModel
 from ic_jax.pattern import parse_pattern
 
@@ -113,16 +114,17 @@ def test_dense_reference_is_sensitive(tiny_cfg, ref):
 
 SPARSE_CASES = {
     "tiny_k4": {},
+    "blocked_indexer_k5": dict(index_topk=5),  # run with index_block=7: the lax.map path with a padded last block
     "indexer_rope_interleaved": dict(indexer_rope_interleave=True, rope_interleave=False),
     "no_hadamard_k7": dict(indexer_hadamard=False, index_topk=7, first_k_dense_replace=0),
 }
 
 
-def run_dsa_check(model, tok, ref, monkeypatch):
+def run_dsa_check(model, tok, ref, monkeypatch, opts=RunOptions()):
     """Runs the jitted forward while recording every layer's indices; checks them (F layers: a valid top-k
     of the float64 indexer logits) and the logits against the float64 DSA reference."""
     rec = IndexRecorder(monkeypatch, model)
-    got = nnx.jit(lambda m, t: m.forward(t))(model, jnp.asarray(tok))  # a fresh trace sees the recorder
+    got = nnx.jit(lambda m, t: m.forward(t, opts))(model, jnp.asarray(tok))  # a fresh trace sees the recorder
     idx = rec.per_layer()
     monkeypatch.undo()
     want, info = ref.model_forward(model, tok, mode="dsa", model_indices=idx)
@@ -134,13 +136,39 @@ def run_dsa_check(model, tok, ref, monkeypatch):
 def test_all_full_is_per_layer_dsa(tiny_cfg, ref, monkeypatch, case):
     cfg = tiny_cfg.replace(**{"index_topk": 4, **SPARSE_CASES[case]})
     model, tok = make_model(cfg, "F" * 8, 10 + len(case), ref), tokens_for(cfg, 10 + len(case))
-    idx, info, got = run_dsa_check(model, tok, ref, monkeypatch)
+    opts = RunOptions(index_block=7) if case.startswith("blocked") else RunOptions()
+    idx, info, got = run_dsa_check(model, tok, ref, monkeypatch, opts)
     assert sum(d["n_near_ties"] for d in info) <= 2, "too many near-ties for a meaningful test"
     # the sparse result really is sparse: dense attention gives other logits
     dense, _ = ref.model_forward(model, tok, mode="dense")
     assert np.abs(dense - got).max() > 1e-2 * np.abs(dense).max()
     # each layer picks its own keys (adjacent layers do not all agree)
     assert any((a != b).any() for a, b in zip(idx, idx[1:]))
+
+
+@pytest.mark.parametrize("interleave,hadamard", [(False, True), (True, True), (True, False)])
+def test_indexer_values(tiny_cfg, ref, interleave, hadamard):
+    """Indexer q, k, w and the logits op, in absolute terms (a positive rescaling of the logits would leave
+    every top-k, and so every model output, unchanged)."""
+    cfg = tiny_cfg.replace(indexer_rope_interleave=interleave, indexer_hadamard=hadamard, rope_theta=100.0)
+    indexer = ref.randomize_constants(Indexer(cfg, nnx.Rngs(40)), 41)
+    rng = np.random.default_rng(42)
+    h = rng.standard_normal((2, T, cfg.hidden_size)).astype(np.float32)
+    cq = rng.standard_normal((2, T, cfg.q_lora_rank)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (2, T))
+    k = indexer.keys(jnp.asarray(h), jnp.asarray(pos))
+    q, w = indexer.queries(jnp.asarray(h), jnp.asarray(cq), jnp.asarray(pos))
+    I = ops.indexer_logits(q, k, w, jnp.asarray(pos), jnp.full((2,), T, jnp.int32), implementation="xla")
+    p = ref.pure_params(indexer)
+    h64, cq64 = h.astype(np.float64), cq.astype(np.float64)
+    q_r, k_r, w_r = ref.indexer_qkw(p, h64, cq64, cfg, np.arange(T))
+    I_r = ref.indexer_logits(p, h64, cq64, cfg, np.arange(T))
+    for got, want in ((q, q_r), (k, k_r), (w, w_r)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    I = np.asarray(I)
+    assert np.array_equal(np.isinf(I), np.isinf(I_r))
+    fin = np.isfinite(I_r)
+    np.testing.assert_allclose(I[fin], I_r[fin], rtol=1e-4, atol=1e-5 * np.abs(I_r[fin]).max())
 
 
 # ---------------------------------------------------------------- 4. S layers reuse their F layer's indices
