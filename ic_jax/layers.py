@@ -120,7 +120,9 @@ class MoE(nnx.Module):
     """DeepSeek MoE: sigmoid router with a correction bias, grouped top-k, a shared expert, routed scaling.
 
     Tokens are sorted by expert and run through `grouped_matmul`, one per projection; its "xla"
-    implementation (`jax.lax.ragged_dot`) is differentiable, "pallas_gpu" is forward only.
+    implementation (`jax.lax.ragged_dot`) is differentiable, "pallas_gpu" is forward only. With fewer
+    routed rows than experts (decode), the chosen experts' weights are gathered instead, so a step reads
+    only those experts rather than all of them.
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack=(), out_std: float | None = None):
@@ -157,6 +159,18 @@ class MoE(nnx.Module):
         x = x.reshape(-1, shape[-1])
         experts, weights = self.route(x)
         k = experts.shape[-1]
+        if x.shape[0] * k < self.cfg.n_routed_experts:
+            y = self._gathered(x, experts)
+        else:
+            y = self._grouped(x, experts, implementation, interpret)
+        out = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.reshape(shape)
+
+    def _grouped(self, x, experts, implementation, interpret) -> Float[Array, "N k D"]:
+        """Tokens sorted by expert, one grouped matmul per projection."""
+        k = experts.shape[-1]
         flat = experts.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         sizes = jnp.bincount(flat, length=self.cfg.n_routed_experts).astype(jnp.int32)
@@ -164,8 +178,10 @@ class MoE(nnx.Module):
         gmm = functools.partial(grouped_matmul, group_sizes=sizes, implementation=implementation, interpret=interpret)
         h = jax.nn.silu(gmm(xs, self.w_gate[...])) * gmm(xs, self.w_up[...])
         ys = gmm(h.astype(x.dtype), self.w_down[...])
-        y = jnp.zeros_like(ys).at[order].set(ys).reshape(-1, k, shape[-1])
-        out = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
-        if self.shared is not None:
-            out = out + self.shared(x)
-        return out.reshape(shape)
+        return jnp.zeros_like(ys).at[order].set(ys).reshape(-1, k, x.shape[-1])
+
+    def _gathered(self, x, experts) -> Float[Array, "N k D"]:
+        """Few routed rows (decode): read only the chosen experts' weights, one matvec each."""
+        w_gate, w_up, w_down = (w[...][experts] for w in (self.w_gate, self.w_up, self.w_down))
+        h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, w_gate)) * jnp.einsum("nd,nkdf->nkf", x, w_up)
+        return jnp.einsum("nkf,nkfd->nkd", h.astype(x.dtype), w_down)
