@@ -28,7 +28,7 @@ from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.model import build_model, layer_params, top_params
 from ic_jax.pattern import parse_pattern
 from ic_jax.search import trained_seq_len
-from ic_jax.train import StateStore, graphdef_for, heldout_report, make_step, run_steps
+from ic_jax.train import StateStore, graphdef_for, make_step, run_steps
 
 
 def main(argv=None) -> int:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if a.steps < 0 or a.sparse_steps < 0 or a.steps + a.sparse_steps < 1 or a.batch < 1 or a.save_every < 1:
         raise UserError("need --steps, --sparse-steps >= 0 with a positive sum, and --batch, --save-every >= 1")
     seq_len = a.seq_len or trained_seq_len(a.ckpt)
-    train, held = load_split(a.data, 0.05)
+    train = load_split(a.data, 0.05)[0]
     batches = lambda i: training_batch(np.random.default_rng([a.seed, i]), train, a.batch, seq_len,  # noqa: E731
                                        a.retrieval_frac)
     settings = {k: v for k, v in vars(a).items() if k not in ("json", "save_every")}
@@ -83,14 +83,14 @@ def main(argv=None) -> int:
         layers[i] = {**lp, **layers[i]}
     full = build_model(cfg, all_f, layers, top_params(model))
     report = {"out": a.out, "pattern": pattern, "steps": a.steps, "sparse_steps": a.sparse_steps,
-              **heldout_report(full, held, 8, seq_len, pattern), "final": history[-1] if history else None}
+              "final": history[-1] if history else None}
     save_checkpoint(a.out, full, pattern=pattern, meta={**report, "seq_len": seq_len, "settings": settings,
                                                         "history": history})
     if a.json:
         print(json.dumps(report))
     else:
         print(f"distilled {pattern.count('F')} F indexers of {n} ({a.steps} warm-up, {a.sparse_steps} sparse steps); "
-              f"held-out loss under the pattern {report['heldout_loss']}; checkpoint {a.out}")
+              f"checkpoint {a.out}")
     return 0
 
 

@@ -73,7 +73,7 @@ class ReuseEvaluator:
             model, "F" * model.cfg.num_hidden_layers)
         self.graphdef, self.params = nnx.split(model)
         self.batch = batch
-        self.opts = opts or RunOptions.for_impl("auto")
+        self.opts = opts or RunOptions()
 
     def _batched(self, tokens):
         tokens = np.asarray(tokens, np.int32)
