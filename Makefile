@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m ic_jax.generate $(DEMO_MODEL) --prompt 'def fibonacci(n):' --max-new-tokens 160 --layout --warmup
+	$(PY) -m ic_jax.generate $(DEMO_MODEL) --prompt "$$(printf 'import os\n\ndef fibonacci(n):\n    ')" \
+	  --max-new-tokens 200 --temperature 0.7 --top-k 20 --seed 0 --layout --warmup
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
