@@ -1,19 +1,22 @@
-"""Grouped matmul on the 30B MoE shapes: Pallas block-size variants against jax.lax.ragged_dot and a dense
-matmul of the same FLOPs. Checks each variant against an f32 ragged_dot first.
-
-    PYTHONPATH=. python -m ic_jax.bench.grouped_matmul
+"""python -m ic_jax.bench grouped-matmul: the MoE grouped matmul on the 30B shapes (8192 tokens, top-4 of 64
+experts, gate/up and down projections), Pallas block-size variants against jax.lax.ragged_dot and a dense
+matmul of the same FLOPs. Each variant is first checked against a float32 per-group reference.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ic_jax.bench.timing import write_json
+from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.pallas.grouped_matmul import gpu, reference
 
 TOKENS, TOPK, EXPERTS = 8192, 4, 64
@@ -59,9 +62,15 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def main():
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m ic_jax.bench grouped-matmul", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, help="write the rows and the device as JSON here")
+    a = p.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        raise UserError("the grouped-matmul benchmark needs a GPU (its Pallas kernel is Triton-only)")
     rng = np.random.default_rng(0)
-    print(jax.devices()[0].device_kind, jax.__version__)
+    device = jax.devices()[0].device_kind
+    print(device, jax.__version__)
     rows = []
     for name, (K, N) in SHAPES.items():
         M = TOKENS * TOPK
@@ -95,7 +104,10 @@ def main():
     print(f"\n{'shape':8} {'variant':36} {'ms':>8} {'TFLOP/s':>8} {'rel err':>9}")
     for name, label, ms, tflops, err in rows:
         print(f"{name:8} {label:36} {ms:8.3f} {tflops:8.1f} {err:9.2e}")
+    if a.json:
+        write_json(a.json, {"device": device, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+                            "rows": [dict(zip(("shape", "variant", "ms", "tflops", "rel_err"), r)) for r in rows]})
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+main = cli_entry(main)
