@@ -18,6 +18,9 @@ from jax.experimental.pallas import triton as plgpu
 from ic_jax.pallas.common import next_pow2
 
 MIN_DOT_ROWS = 16  # Triton's smallest dot tile
+# (block_k, num_warps, num_stages) by kernel; the block kernel's is the best of a sweep on the H200 (BENCHMARKS.md)
+BLOCK_TUNING = (128, 4, 3)
+QUERY_TUNING = (256, 8, 2)
 
 
 def _visible(pos, kv_len, cols):
@@ -76,11 +79,14 @@ def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref, *, tk: int):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_q", "block_k", "num_warps", "num_stages"))
-def indexer_logits(q, k, w, q_pos, kv_len, *, interpret: bool = False, block_q: int = 64, block_k: int = 256,
-                   num_warps: int = 8, num_stages: int = 2):
-    """Same contract as `reference.indexer_logits`."""
+def indexer_logits(q, k, w, q_pos, kv_len, *, interpret: bool = False, block_q: int = 64,
+                   block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+    """Same contract as `reference.indexer_logits`. Unset tuning knobs take the kernel's defaults above."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
+    tuning = QUERY_TUNING if Tq < MIN_DOT_ROWS else BLOCK_TUNING
+    block_k, num_warps, num_stages = (given or default for given, default in
+                                      zip((block_k, num_warps, num_stages), tuning))
     bk = min(block_k, next_pow2(Tk))
     bq = 1 if Tq < MIN_DOT_ROWS else min(block_q, next_pow2(Tq))
     # inputs padded to whole blocks (Triton reads edge blocks unmasked); padded queries see no key

@@ -20,6 +20,9 @@ from ic_jax.pallas.common import next_pow2, prev_pow2
 
 NEG = -1e30  # finite start of the running max: exp(NEG - NEG) = 1 where every score so far is -inf
 TARGET_PROGRAMS = 512  # splits are chosen to reach about this many programs (132 SMs on an H100)
+# (num_warps, num_stages) without and with splits; the first is the best of a sweep on the H200 (BENCHMARKS.md)
+PREFILL_TUNING = (4, 3)
+SPLIT_TUNING = (8, 2)
 
 
 def _nt_dot(a, b):
@@ -62,8 +65,9 @@ def merge_splits(o, lse):
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_h", "block_k", "splits", "num_warps",
                                              "num_stages"))
 def sparse_mla(q_lat, q_rope, kv, k_rope, indices, scale: float, *, interpret: bool = False, block_h: int = 32,
-               block_k: int = 64, splits: int | None = None, num_warps: int = 8, num_stages: int = 2):
-    """Same contract as `reference.sparse_mla`."""
+               block_k: int = 64, splits: int | None = None, num_warps: int | None = None,
+               num_stages: int | None = None):
+    """Same contract as `reference.sparse_mla`. Unset tuning knobs take the defaults above."""
     B, Tq, H, C = q_lat.shape
     R = q_rope.shape[-1]
     Tk = kv.shape[1]
@@ -75,6 +79,8 @@ def sparse_mla(q_lat, q_rope, kv, k_rope, indices, scale: float, *, interpret: b
     if splits is None:
         splits = prev_pow2(max(1, min(nblocks, TARGET_PROGRAMS // (B * Tq * nh))))
     per_split = pl.cdiv(nblocks, splits) * bk
+    tuning = PREFILL_TUNING if splits == 1 else SPLIT_TUNING
+    num_warps, num_stages = (given or default for given, default in zip((num_warps, num_stages), tuning))
     heads = [(0, 0), (0, 0), (0, nh * hb - H), (0, 0)]
     q_lat, q_rope = jnp.pad(q_lat, heads), jnp.pad(q_rope, heads)
     idx = jnp.pad(indices.astype(jnp.int32), [(0, 0), (0, 0), (0, splits * per_split - K)], constant_values=-1)
