@@ -36,13 +36,15 @@ def overlap_heatmap(matrix: np.ndarray, path: Path, title: str, pattern: str | N
 
 
 def curves(series: dict[str, tuple[list, list]], path: Path, title: str, xlabel: str, ylabel: str,
-           hline: float | None = None) -> None:
-    """One line per named (x, y) series; an optional dashed reference level."""
+           hline: float | None = None, logy: bool = False) -> None:
+    """One line per named (x, y) series; an optional dashed reference level; optionally a log y axis."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (x, y) in series.items():
         ax.plot(x, y, marker="o", markersize=3, label=name)
     if hline is not None:
         ax.axhline(hline, color="gray", linestyle="--", linewidth=1, label="all F")
+    if logy:
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

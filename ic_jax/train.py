@@ -12,7 +12,8 @@ key-value lookups (see `ic_jax.data`) so that the model learns to use far contex
 State (params, optimizer, loss history) is saved with orbax every --save-every steps under OUT.state/;
 a killed run, started again with the same arguments, resumes there: batches are a function of
 (seed, step), so the resumed run ends exactly where an uninterrupted one would. The finished model is
-written to OUT as an ic_jax checkpoint (all layers keep their indexer; no pattern).
+written to OUT as an ic_jax checkpoint (all layers keep their indexer; no pattern), with the loss curves
+in OUT/train_curve.png.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ic_jax.data import DEFAULT_DATA, load_split, training_batch
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.losses import indexer_loss, lm_loss
 from ic_jax.model import DSAModel
+from ic_jax.plots import curves
 from ic_jax.reuse import ReuseEvaluator
 
 
@@ -171,6 +173,10 @@ def main(argv=None) -> int:
               "heldout_files": held.num_files, "params": sum(x.size for x in jax.tree.leaves(params)),
               **heldout_report(model, held, 8, a.seq_len), "final": history[-1]}
     save_checkpoint(a.out, model, meta={**report, "settings": settings, "history": history})
+    steps = [h["step"] for h in history]
+    curves({"LM loss": (steps, [h["lm"] for h in history]), "indexer KL": (steps, [h["kl"] for h in history])},
+           Path(a.out) / "train_curve.png", f"training {Path(a.out).name}: {a.dense_steps} dense steps, then top-"
+           f"{cfg.index_topk} of {a.seq_len}", "step", "nats (log scale)", logy=True)
     if a.json:
         print(json.dumps(report))
     else:
