@@ -1,0 +1,89 @@
+"""python -m ic_jax.bench sweep: tuning variants of the Pallas GPU kernels at one context length, to choose
+their defaults on a new GPU. Each row is one (block, num_warps, num_stages) setting of one kernel at the 30B
+shapes, timed in the same process; the kernel's current default is marked. A variant that fails (shared memory,
+compilation) is reported, not fatal. Each kernel is first checked against its XLA reference at the default.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from ic_jax.bench.kernels import SCALE, TOPK, attempt, indexer_inputs, mla_inputs, parse_sizes, rel_err, same_sets
+from ic_jax.bench.timing import print_table, write_json
+from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.pallas.indexer_logits import gpu as indexer_gpu, reference as indexer_ref
+from ic_jax.pallas.sparse_mla import gpu as mla_gpu, reference as mla_ref
+from ic_jax.pallas.topk import gpu as topk_gpu, reference as topk_ref
+
+VARIANTS = {  # op -> keyword settings tried; None in the first entry = the kernel's default
+    "indexer": [dict(block_k=bk, num_warps=w, num_stages=s) for bk, w, s in
+                [(None, None, None), (256, 8, 2), (128, 4, 2), (128, 8, 3), (64, 4, 3), (256, 4, 3)]],
+    "mla": [dict(block_k=bk, num_warps=w, num_stages=s) for bk, w, s in
+            [(64, None, None), (64, 8, 2), (64, 4, 2), (64, 4, 4), (32, 4, 3), (64, 2, 3)]],
+    "topk": [dict(chunk=c, num_warps=w) for c, w in [(2048, 8), (2048, 4), (1024, 8), (4096, 8)]],
+}
+KERNELS = {"indexer": indexer_gpu.indexer_logits, "mla": functools.partial(mla_gpu.sparse_mla, scale=SCALE),
+           "topk": functools.partial(topk_gpu.topk_indices, k=TOPK)}
+
+
+def inputs(op: str, tq: int, tk: int):
+    if op == "indexer":
+        return indexer_inputs(1, tq, tk)
+    if op == "mla":
+        return mla_inputs(1, tq, tk)
+    q, k, w, pos, kv_len = indexer_inputs(1, tq, tk)
+    return (indexer_gpu.indexer_logits(q, k, w, pos, kv_len),)
+
+
+def check(op: str, args) -> float | bool:
+    """Error of the default setting against the XLA reference: relative error, or top-k set equality."""
+    got = KERNELS[op](*args)
+    if op == "indexer":
+        return rel_err(got, jax.jit(indexer_ref.indexer_logits)(*args))
+    if op == "mla":
+        return rel_err(got[0], jax.jit(functools.partial(mla_ref.sparse_mla, scale=SCALE))(*args)[0])
+    return same_sets(got, jax.jit(functools.partial(topk_ref.topk_indices, k=TOPK))(*args))
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m ic_jax.bench sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tk", default="200k", help="context length (default 200k)")
+    p.add_argument("--chunks", default="2048,16384", help="prefill queries per call (default 2048,16384)")
+    p.add_argument("--ops", default="indexer,mla,topk", help="subset of indexer,mla,topk (default all)")
+    p.add_argument("--json", type=Path, help="write the rows and the device as JSON here")
+    a = p.parse_args(argv)
+    ops = [o for o in a.ops.split(",") if o]
+    if not ops or set(ops) - set(VARIANTS):
+        raise UserError(f"--ops {a.ops!r}: choose from indexer,mla,topk")
+    (tk,), chunks = parse_sizes(a.tk), parse_sizes(a.chunks)
+    if jax.default_backend() != "gpu":
+        raise UserError("the sweep times the Pallas GPU (Triton) kernels: run it on a GPU")
+    device = jax.devices()[0].device_kind
+    print(f"{device}, jax {jax.__version__}, Tk {tk}", flush=True)
+    rows = []
+    for op in ops:
+        for tq in chunks:
+            args = inputs(op, min(tq, tk), tk)
+            if tq == chunks[0]:
+                print(f"check {op}: {check(op, args)}", flush=True)
+            for settings in VARIANTS[op]:
+                t = attempt(jax.jit(functools.partial(KERNELS[op], **settings)), *args)
+                label = " ".join(f"{k}={'default' if v is None else v}" for k, v in settings.items())
+                rows.append({"op": op, "tq": tq, "settings": label,
+                             "ms": t * 1e3 if isinstance(t, float) else t})
+                print(f"{op} Tq={tq} {label}: " + (f"{t * 1e3:.3f} ms" if isinstance(t, float) else t), flush=True)
+            del args
+    print("\nall variants:")
+    print_table(rows, [("op", "op"), ("tq", "Tq"), ("settings", "settings"), ("ms", "ms")])
+    if a.json:
+        write_json(a.json, {"device": device, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+                            "tk": tk, "rows": rows})
+    return 0
+
+
+main = cli_entry(main)
