@@ -1,4 +1,7 @@
-"""Prefill/decode against the full forward pass, chunked against one-shot prefill, ragged batches."""
+"""Prefill/decode against the full forward pass, chunked against one-shot prefill, ragged batches.
+
+The prefill/decode tests run with the XLA ops and with each Pallas backend's kernels in interpret mode;
+the reference is always the XLA full forward pass."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ic_jax.attention import RunOptions
 from ic_jax.config import load_config
 from ic_jax.engine import Engine, decode_step
 from ic_jax.model import DSAModel, repattern
@@ -13,6 +17,8 @@ from ic_jax.sampling import Sampling
 
 CFG = load_config("tiny").replace(dtype="float32", index_topk=4)
 TOL = dict(rtol=2e-4, atol=2e-4)
+IMPLS = {"xla": RunOptions(), "pallas_gpu": RunOptions(implementation="pallas_gpu", interpret=True),
+         "pallas_tpu": RunOptions(implementation="pallas_tpu", interpret=True)}
 
 
 def random_model(pattern, seed=0):
@@ -23,13 +29,14 @@ def full_logits(model, seq):
     return np.asarray(model.forward(jnp.asarray([seq], jnp.int32))[0])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("pattern", ["F" * 8, "FSSSFSSS"])
-def test_decode_steps_equal_full_forward(pattern):
+def test_decode_steps_equal_full_forward(pattern, impl):
     model = random_model(pattern, seed=1)
     rng = np.random.default_rng(0)
     prompt_lens, steps = [3, 7, 10], 6
     seqs = [list(rng.integers(0, 256, n + steps)) for n in prompt_lens]
-    engine = Engine(model)
+    engine = Engine(model, IMPLS[impl])
     logits, cache, lengths = engine.prefill([s[:n] for s, n in zip(seqs, prompt_lens)], max(prompt_lens) + steps)
     refs = [full_logits(model, s) for s in seqs]
     for b, n in enumerate(prompt_lens):
@@ -43,10 +50,11 @@ def test_decode_steps_equal_full_forward(pattern):
                 np.testing.assert_allclose(np.asarray(logits[b]), refs[b][n + i], **TOL)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("chunk", [3, 5])
-def test_chunked_prefill_equals_one_shot(chunk):
+def test_chunked_prefill_equals_one_shot(chunk, impl):
     """Index reuse across the chunk boundary: FSSS with chunks smaller than the prompt."""
-    engine = Engine(random_model("FSSSFSSS", seed=2))
+    engine = Engine(random_model("FSSSFSSS", seed=2), IMPLS[impl])
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(0, 256, n)) for n in (11, 6)]
     one_logits, one_cache, _ = engine.prefill(prompts, 16)

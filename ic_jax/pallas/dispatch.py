@@ -39,7 +39,10 @@ def call(op: str, table: dict[str, Callable], args: tuple, *, implementation: st
          small: bool = False):
     """Runs `op` with the chosen implementation. None picks the backend's Pallas kernel, except for
     `small` (decode-sized) calls on GPU, where one kernel program per row leaves most of the chip idle and
-    XLA measured faster (BENCHMARKS.md, kernels table)."""
+    XLA measured faster (BENCHMARKS.md, kernels table). An op with no kernel for the requested Pallas backend
+    (the grouped matmul on TPU) runs its XLA reference."""
+    if implementation in ("pallas_gpu", "pallas_tpu") and implementation not in table:
+        implementation = "xla"
     if implementation is None:
         cpu_or_small = backend() == "cpu" or (small and backend() == "gpu")
         implementation = "xla" if cpu_or_small or pallas_name() not in table else pallas_name()
