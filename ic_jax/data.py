@@ -6,9 +6,13 @@ A retrieval sample is a Python snippet of exactly `length` bytes:
 
     TABLE = {"qzk": 4821, "abd": 1093, ...}
     <real code from the corpus, as filler>
-    assert TABLE["abd"] == 1093
+    ENTRY = {"abd": 1093}
 
-The value digits can only be predicted by looking back at the table, at the start of the sequence.
+The value digits can only be predicted by looking back at the table, at the start of the sequence; the
+question spells the key as the table does, so a match-and-copy head (as for repeated identifiers in code)
+answers it. In training batches a lookup spans a random length (at least MIN_SPAN) and ends the row, after a
+code prefix, so the model sees lookup distances from short to the whole context. (A 24-layer model trained
+1000 steps on full-length lookups asked as `assert TABLE["abd"] == ...`, a two-hop lookup, never learned them.)
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from ic_jax.tokenizer import ByteTokenizer
 BOS = ByteTokenizer.bos_id
 DEFAULT_DATA = "stdlib"
 ANSWER_DIGITS = 4
+MIN_SPAN = 128  # shortest lookup (table, filler, question) in a training row
 
 
 def resolve_files(spec: str = DEFAULT_DATA) -> list[Path]:
@@ -87,20 +92,27 @@ def retrieval_sample(rng: np.random.Generator, corpus: Corpus, length: int, pair
     values = [int(v) for v in rng.integers(10 ** (ANSWER_DIGITS - 1), 10**ANSWER_DIGITS, pairs)]
     table = "TABLE = {" + ", ".join(f'"{k}": {v}' for k, v in zip(keys, values)) + "}\n"
     ask = rng.integers(pairs)
-    query = f'\nassert TABLE["{keys[ask]}"] == {values[ask]}\n'
+    query = f'\nENTRY = {{"{keys[ask]}": {values[ask]}}}\n'
     head = [BOS] + list(table.encode())
     tail = list(query.encode())
     fill = length - len(head) - len(tail)
     if fill < 1:
         raise UserError(f"retrieval length {length} is too short; use at least {len(head) + len(tail) + 1}")
     tokens = np.concatenate([head, corpus.window(rng, fill), tail]).astype(np.int32)
-    return tokens, length - len(tail) + query.index("==") + 3
+    return tokens, length - len(tail) + query.index('": ') + 3
+
+
+def lookup_row(rng: np.random.Generator, corpus: Corpus, length: int) -> np.ndarray:
+    """A row of `length` tokens: code, then a retrieval sample of random span in [MIN_SPAN, length]."""
+    span = int(rng.integers(min(MIN_SPAN, length), length + 1))
+    sample = retrieval_sample(rng, corpus, span)[0]
+    return sample if span == length else np.concatenate([corpus.window(rng, length - span), sample])
 
 
 def training_batch(rng: np.random.Generator, corpus: Corpus, batch: int, length: int,
                    retrieval_frac: float) -> np.ndarray:
-    """Random windows, each replaced by a retrieval sample with probability `retrieval_frac`."""
-    rows = [retrieval_sample(rng, corpus, length)[0] if rng.random() < retrieval_frac
+    """Random windows, each replaced by a lookup row with probability `retrieval_frac`."""
+    rows = [lookup_row(rng, corpus, length) if rng.random() < retrieval_frac
             else corpus.window(rng, length) for _ in range(batch)]
     return np.stack(rows)
 
