@@ -90,24 +90,25 @@ class LayerGroup(nnx.Module):
         self.stage = stage
         self.blocks = nnx.List([Block(cfg, kind, rngs, stack=(stage.repeats,)) for kind in stage.kinds])
 
-    def run(self, x, positions, kv_len, caches: list[dict], opts: RunOptions):
+    def run(self, x, positions, kv_len, caches: list[dict], indices, opts: RunOptions):
+        """Scans the group; `indices` (the last F layer's top-k before this stage) flow through it."""
         graphdef, params = nnx.split(self)
         tags = [k.tag for k in self.stage.kinds]
 
         def body(carry, p):
-            x, caches, rep = carry
+            x, caches, indices, rep = carry
             group = nnx.merge(graphdef, p)
-            caches, indices, aux = list(caches), None, []
+            caches, aux = list(caches), []
             for pos, block in enumerate(group.blocks):
                 with jax.named_scope(f"layer_{tags[pos]}"):
                     x, caches[pos], indices, a = block(x, positions, kv_len, caches[pos], rep, indices, opts)
                 aux.append(a)
-            return (x, caches, rep + 1), aux
+            return (x, caches, indices, rep + 1), aux
 
         if opts.remat:
             body = jax.checkpoint(body)
-        (x, caches, _), aux = jax.lax.scan(body, (x, caches, jnp.int32(0)), params)
-        return x, caches, aux
+        (x, caches, indices, _), aux = jax.lax.scan(body, (x, caches, indices, jnp.int32(0)), params)
+        return x, caches, indices, aux
 
 
 class DSAModel(nnx.Module):
@@ -132,8 +133,9 @@ class DSAModel(nnx.Module):
         t_max = cache[0][0]["kv"].shape[2]
         kv_len = jnp.minimum(jnp.max(positions, axis=1) + 1, t_max).astype(jnp.int32)
         new_cache, aux = [], [None] * self.cfg.num_hidden_layers
+        indices = jnp.full((*tokens.shape, self.cfg.index_topk), -1, jnp.int32)  # layer 0 is F: never read
         for group, stage, c in zip(self.groups, self.stage_specs, cache):
-            x, c, ys = group.run(x, positions, kv_len, c, opts)
+            x, c, indices, ys = group.run(x, positions, kv_len, c, indices, opts)
             new_cache.append(c)
             if opts.collect:
                 for pos, rep in itertools.product(range(len(stage.kinds)), range(stage.repeats)):

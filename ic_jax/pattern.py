@@ -8,8 +8,10 @@ Five spellings are accepted by `parse_pattern`:
   keep:0.25       uniform spacing keeping round(0.25 * N) indexers, layer 0 first
   @file.json      a JSON file with a "pattern" key (what `ic_jax.search` writes)
 
-A pattern compiles to `Stage`s: the layers are cut into groups that start at an F layer, and runs of
-identical groups (same F/S layout, same dense/MoE layout) become one stage, scanned over stacked weights.
+A pattern compiles to `Stage`s: the layers are cut into consecutive stages, each a layer group (a tuple of
+F/S + dense/MoE kinds) repeated and scanned over stacked weights. Compile time grows with the number of
+layer bodies traced (the sum of the group lengths), so `build_stages` picks the cut with the fewest, then
+the fewest stages. A group may start with S layers: the top-k indices flow from stage to stage.
 """
 
 from __future__ import annotations
@@ -119,23 +121,27 @@ class Stage:
 
 
 def build_stages(pattern: str, moe_layers: list[bool]) -> tuple[Stage, ...]:
+    """The cut into stages with the fewest traced layer bodies, then the fewest stages (dynamic programming
+    over prefixes: best[i] is the cheapest cut of layers 0..i-1)."""
     check_pattern(pattern, len(moe_layers))
-    groups: list[tuple[LayerKind, ...]] = []
-    for i, c in enumerate(pattern):
-        kind = LayerKind(full=c == "F", moe=moe_layers[i])
-        if kind.full:
-            groups.append((kind,))
-        else:
-            groups[-1] = groups[-1] + (kind,)
-    stages: list[Stage] = []
-    first = 0
-    for g in groups:
-        if stages and stages[-1].kinds == g:
-            stages[-1] = dataclasses.replace(stages[-1], repeats=stages[-1].repeats + 1)
-        else:
-            stages.append(Stage(kinds=g, repeats=1, first_layer=first))
-        first += len(g)
-    return tuple(stages)
+    kinds = [LayerKind(full=c == "F", moe=m) for c, m in zip(pattern, moe_layers)]
+    n = len(kinds)
+    best: list[tuple[int, int, int, int] | None] = [(0, 0, 0, 0)] + [None] * n  # (bodies, stages, start, period)
+    for j in range(n):
+        for period in range(1, n - j + 1):
+            reach = j + period  # layers j..reach-1 repeat with this period
+            while reach < n and kinds[reach] == kinds[reach - period]:
+                reach += 1
+            for i in range(j + period, reach + 1, period):
+                cand = (best[j][0] + period, best[j][1] + 1, j, period)
+                if best[i] is None or cand[:2] < best[i][:2]:
+                    best[i] = cand
+    stages, i = [], n
+    while i:
+        _, _, j, period = best[i]
+        stages.append(Stage(kinds=tuple(kinds[j:j + period]), repeats=(i - j) // period, first_layer=j))
+        i = j
+    return tuple(reversed(stages))
 
 
 def describe_layout(pattern: str, moe_layers: list[bool]) -> str:
@@ -147,7 +153,8 @@ def describe_layout(pattern: str, moe_layers: list[bool]) -> str:
         f"indexers  {len(full)} of {n} layers run the indexer ({100 * len(full) / n:.1f}%); "
         f"{n - len(full)} reuse the previous F layer's top-k",
         f"F layers  {', '.join(map(str, full))}",
-        f"stages    {len(stages)} scanned stage(s), F/S + d(ense)/m(oe) per group:",
+        f"stages    {len(stages)} scanned stage(s), {sum(len(s.kinds) for s in stages)} layer bodies to compile; "
+        "F/S + d(ense)/m(oe) per group:",
     ]
     lines += [f"          {s.describe()}" for s in stages]
     return "\n".join(lines)

@@ -353,8 +353,9 @@ def model_forward(model, tokens, mode: str, model_indices=None, rel_tol=1e-4):
 # pattern layout, independently
 
 
-def expected_stages(pattern: str, moe: list[bool]):
-    """(kind tags per group, repeats, first layer) for the run-length encoding of F-started groups."""
+def f_group_stages(pattern: str, moe: list[bool]):
+    """A valid cut that is not optimised: groups start at each F layer, runs of identical groups merged.
+    Returns (kind tags per group, repeats, first layer) per stage."""
     groups, starts = [], []
     for i, c in enumerate(pattern):
         tag = c + ("m" if moe[i] else "d")
@@ -370,6 +371,26 @@ def expected_stages(pattern: str, moe: list[bool]):
         else:
             out.append([tuple(g), 1, s])
     return [tuple(o) for o in out]
+
+
+def cheapest_cut(pattern: str, moe: list[bool]) -> tuple[int, int]:
+    """(layer bodies, stages) of the cheapest cut into repeated groups, by trying every cut (exponential:
+    short patterns only). A segment qualifies with group length g if it is its first g tags repeated."""
+    tags = [c + ("m" if m else "d") for c, m in zip(pattern, moe)]
+
+    def best(start):
+        if start == len(tags):
+            return (0, 0)
+        options = []
+        for end in range(start + 1, len(tags) + 1):
+            seg = tags[start:end]
+            for g in range(1, len(seg) + 1):
+                if len(seg) % g == 0 and seg == seg[:g] * (len(seg) // g):
+                    rest = best(end)
+                    options.append((rest[0] + g, rest[1] + 1))
+        return min(options)
+
+    return best(0)
 
 
 REF = types.SimpleNamespace(**{name: obj for name, obj in list(globals().items())

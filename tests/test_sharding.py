@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
     mesh = make_mesh(parse_mesh("data=2,tensor=2"))
     shard_model(model, mesh)
     assert model.lm_head.get_value().sharding.spec == P(None, "tensor")
-    assert model.groups[1].blocks[1].ffn.w_gate.get_value().sharding.spec == P(None, None, None, "tensor")
+    assert model.groups[-1].blocks[0].ffn.w_gate.get_value().sharding.spec == P(None, None, None, "tensor")
     assert len(model.lm_head.get_value().sharding.device_set) == 4
     out = np.asarray(jax.jit(lambda t: model.forward(t))(tokens))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
