@@ -20,12 +20,12 @@ from ic_jax.pallas.indexer_logits import gpu as indexer_gpu, reference as indexe
 from ic_jax.pallas.sparse_mla import gpu as mla_gpu, reference as mla_ref
 from ic_jax.pallas.topk import gpu as topk_gpu, reference as topk_ref
 
-VARIANTS = {  # op -> keyword settings tried; None in the first entry = the kernel's default
+VARIANTS = {  # op -> keyword settings tried; the first entry is the kernel's default (None: left to the kernel)
     "indexer": [dict(block_k=bk, num_warps=w, num_stages=s) for bk, w, s in
                 [(None, None, None), (256, 8, 2), (128, 4, 2), (128, 8, 3), (64, 4, 3), (256, 4, 3)]],
     "mla": [dict(block_k=bk, num_warps=w, num_stages=s) for bk, w, s in
             [(64, None, None), (64, 8, 2), (64, 4, 2), (64, 4, 4), (32, 4, 3), (64, 2, 3)]],
-    "topk": [dict(chunk=c, num_warps=w) for c, w in [(2048, 8), (2048, 4), (1024, 8), (4096, 8)]],
+    "topk": [dict(chunk=c, num_warps=w) for c, w in [(2048, 4), (2048, 8), (1024, 4), (1024, 8), (4096, 4)]],
 }
 KERNELS = {"indexer": indexer_gpu.indexer_logits, "mla": functools.partial(mla_gpu.sparse_mla, scale=SCALE),
            "topk": functools.partial(topk_gpu.topk_indices, k=TOPK)}
@@ -71,9 +71,10 @@ def main(argv=None) -> int:
             args = inputs(op, min(tq, tk), tk)
             if tq == chunks[0]:
                 print(f"check {op}: {check(op, args)}", flush=True)
-            for settings in VARIANTS[op]:
+            for n, settings in enumerate(VARIANTS[op]):
                 t = attempt(jax.jit(functools.partial(KERNELS[op], **settings)), *args)
                 label = " ".join(f"{k}={'default' if v is None else v}" for k, v in settings.items())
+                label += " (default)" if n == 0 else ""
                 rows.append({"op": op, "tq": tq, "settings": label,
                              "ms": t * 1e3 if isinstance(t, float) else t})
                 print(f"{op} Tq={tq} {label}: " + (f"{t * 1e3:.3f} ms" if isinstance(t, float) else t), flush=True)

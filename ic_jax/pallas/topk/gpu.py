@@ -92,7 +92,7 @@ def _kernel(x_ref, o_ref, key_ref, idx_ref, *, k: int, chunk: int, interpret: bo
 
 
 @functools.partial(jax.jit, static_argnames=("k", "interpret", "chunk", "num_warps"))
-def topk_indices(logits, k: int, *, interpret: bool = False, chunk: int = 2048, num_warps: int = 8):
+def topk_indices(logits, k: int, *, interpret: bool = False, chunk: int = 2048, num_warps: int = 4):
     """Same set as `reference.topk_indices` (ties to the lower index), in ascending index order per row."""
     B, Tq, Tk = logits.shape
     rows = logits.reshape(B * Tq, Tk).astype(jnp.float32)
