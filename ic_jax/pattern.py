@@ -117,7 +117,9 @@ class Stage:
 
     def describe(self) -> str:
         body = " ".join(k.tag for k in self.kinds)
-        return f"[{body}] x{self.repeats} (layers {self.first_layer}-{self.first_layer + self.num_layers - 1})"
+        last = self.first_layer + self.num_layers - 1
+        where = f"layer {last}" if last == self.first_layer else f"layers {self.first_layer}-{last}"
+        return f"[{body}] x{self.repeats} ({where})"
 
 
 def build_stages(pattern: str, moe_layers: list[bool]) -> tuple[Stage, ...]:
