@@ -1,0 +1,60 @@
+"""Dump the Triton IR of a Pallas GPU kernel at the 30B shapes, on any machine (no GPU needed): the kernel is
+exported for CUDA, and the Triton module that Pallas builds is printed to OP.ttir with a count of its ops.
+
+    python scripts/dump_triton_ir.py topk|mla|indexer [--tk 204800] [--rows 16]
+"""
+
+import argparse
+import collections
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+from jax import export
+from jax._src.pallas.triton import pallas_call_registration as registration
+
+from ic_jax.bench.kernels import D_I, H_I, HEADS, LATENT, ROPE, SCALE, TOPK
+from ic_jax.pallas.indexer_logits import gpu as indexer_gpu
+from ic_jax.pallas.sparse_mla import gpu as mla_gpu
+from ic_jax.pallas.topk import gpu as topk_gpu
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("op", choices=["topk", "mla", "indexer"])
+    p.add_argument("--tk", type=int, default=204800, help="context length (default 204800)")
+    p.add_argument("--rows", type=int, default=2048, help="queries (top-k rows) per call (default 2048)")
+    a = p.parse_args()
+    modules = []
+    lower = registration.lowering.lower_jaxpr_to_triton_module
+
+    def keep(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        modules.append(result.module.operation.get_asm())
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = keep
+    S, bf16 = jax.ShapeDtypeStruct, jnp.bfloat16
+    if a.op == "topk":
+        fn, args = functools.partial(topk_gpu.topk_indices, k=TOPK), [S((1, a.rows, a.tk), jnp.float32)]
+    elif a.op == "mla":
+        fn = functools.partial(mla_gpu.sparse_mla, scale=SCALE)
+        args = [S((1, a.rows, HEADS, LATENT), bf16), S((1, a.rows, HEADS, ROPE), bf16), S((1, a.tk, LATENT), bf16),
+                S((1, a.tk, ROPE), bf16), S((1, a.rows, TOPK), jnp.int32)]
+    else:
+        fn = indexer_gpu.indexer_logits
+        args = [S((1, a.rows, H_I, D_I), bf16), S((1, a.tk, D_I), bf16), S((1, a.rows, H_I), jnp.float32),
+                S((1, a.rows), jnp.int32), S((1,), jnp.int32)]
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    for n, text in enumerate(modules):
+        path = f"{a.op}{n or ''}.ttir"
+        with open(path, "w") as f:
+            f.write(text)
+        ops = collections.Counter(re.findall(r"\b(tt\.[a-z_]+|scf\.[a-z_]+)\b", text))
+        print(f"{path}: {len(text.splitlines())} lines;", ", ".join(f"{k} {v}" for k, v in sorted(ops.items())))
+
+
+if __name__ == "__main__":
+    main()
