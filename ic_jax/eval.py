@@ -6,7 +6,8 @@ several context lengths.
 Each --patterns entry is evaluated on the --ckpt weights; each --extra-ckpt (a distilled checkpoint, say)
 under its own pattern.json. Retrieval (see `ic_jax.data`): a table of keys and 4-digit values at the start,
 real code as filler, the lookup at the end; a sample counts as right when greedy (argmax) prediction gets
-every digit of the value, and answer_nll is the mean loss of those digits (chance: ln 10). All rows run through one compiled program per sequence length (`ic_jax.reuse`).
+every digit of the value, and answer_nll is the mean loss of those digits (chance: ln 10). All rows run
+through one compiled program per sequence length (`ic_jax.reuse`).
 """
 
 from __future__ import annotations
