@@ -2,9 +2,9 @@
 from an `ic_jax.eval` JSON as scripts/experiment.sh writes it (labels: keep:X = uniform, @...search... =
 searched, distill_* = distilled).
 
-    python scripts/plot_eval.py results/eval.json results/eval_by_retention.png [retrieval@1024 | retrieval]
+    python scripts/plot_eval.py results/eval.json results/eval_by_retention.png [retrieval@1024 | retrieval | answer_nll]
 
-"retrieval" is the mean retrieval accuracy over the evaluated lengths.
+"retrieval" and "answer_nll" are the means over the evaluated lengths.
 """
 
 import json
@@ -18,13 +18,14 @@ def family(label: str) -> str:
     return "distilled uniform" if "distill" in label else "searched" if label.startswith("@") else "uniform"
 
 
-LABELS = {"loss": "held-out LM loss (nats/byte)", "retrieval": "retrieval accuracy, mean over lengths"}
+LABELS = {"loss": "held-out LM loss (nats/byte)", "retrieval": "retrieval accuracy, mean over lengths",
+          "answer_nll": "answer-digit loss (nats), mean over lengths"}
 
 
 def value(row: dict, metric: str) -> float:
-    if metric == "retrieval":
-        accs = [v for k, v in row.items() if k.startswith("retrieval@")]
-        return sum(accs) / len(accs)
+    if metric in ("retrieval", "answer_nll"):
+        vals = [v for k, v in row.items() if k.startswith(metric + "@")]
+        return sum(vals) / len(vals)
     return row[metric]
 
 
