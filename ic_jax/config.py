@@ -40,6 +40,9 @@ class ModelConfig:
     norm_topk_prob: bool = True
     indexer_rope_interleave: bool = False
     indexer_hadamard: bool = True
+    # score keys for top-k selection with FP8 indexer logits (e4m3 q and k, a scale per vector; the Hopper
+    # kernel); the indexer's KL loss keeps bf16 logits, since the rounding has no gradient
+    indexer_fp8: bool = False
     rope_interleave: bool = True
     rope_theta: float = 10000.0
     rope_scaling: tuple | None = None  # sorted (key, value) pairs: the config must stay hashable
@@ -55,6 +58,8 @@ class ModelConfig:
             v = getattr(self, f.name)
             if f.type == "int" and (not isinstance(v, int) or v < 0):
                 problems.append(f"{f.name} must be a non-negative integer, got {v!r}")
+            if f.type == "bool" and not isinstance(v, bool):
+                problems.append(f"{f.name} must be true or false, got {v!r}")
         if self.num_hidden_layers < 1:
             problems.append("num_hidden_layers must be >= 1")
         if self.first_k_dense_replace > self.num_hidden_layers:

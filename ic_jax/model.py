@@ -67,9 +67,10 @@ class Block(nnx.Module):
                 keys = write_cache(cache["index_k"], layer, self.indexer.keys(h_i, positions), positions)
                 cache["index_k"] = keys
                 q_idx, w_idx = self.indexer.queries(h_i, cq_i, positions)
-                own = select_topk(q_idx, keys[layer], w_idx, positions, kv_len, cfg.index_topk, opts)
+                own = select_topk(q_idx, keys[layer], w_idx, positions, kv_len, cfg.index_topk, opts,
+                                  fp8=cfg.indexer_fp8)
                 indices = own if use_own is None else jnp.where(use_own, own, indices)
-                if opts.collect:
+                if opts.collect:  # the KL loss differentiates these: bf16 even with cfg.indexer_fp8
                     aux["logits"] = ops.indexer_logits(q_idx, keys[layer], w_idx, positions, kv_len,
                                                        implementation="xla")
         if opts.collect:

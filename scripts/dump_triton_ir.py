@@ -1,7 +1,7 @@
 """Dump the Triton IR of a Pallas GPU kernel at the 30B shapes, on any machine (no GPU needed): the kernel is
 exported for CUDA, and the Triton module that Pallas builds is printed to OP.ttir with a count of its ops.
 
-    python scripts/dump_triton_ir.py topk|mla|indexer [--tk 204800] [--rows 16]
+    python scripts/dump_triton_ir.py topk|mla|indexer|indexer_fp8 [--tk 204800] [--rows 16]
 """
 
 import argparse
@@ -22,7 +22,7 @@ from ic_jax.pallas.topk import gpu as topk_gpu
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("op", choices=["topk", "mla", "indexer"])
+    p.add_argument("op", choices=["topk", "mla", "indexer", "indexer_fp8"])
     p.add_argument("--tk", type=int, default=204800, help="context length (default 204800)")
     p.add_argument("--rows", type=int, default=2048, help="queries (top-k rows) per call (default 2048)")
     a = p.parse_args()
@@ -43,7 +43,7 @@ def main() -> None:
         fn = functools.partial(mla_gpu.sparse_mla, scale=SCALE)
         args = jax.eval_shape(functools.partial(mla_inputs, 1, a.rows, a.tk))
     else:
-        fn = indexer_gpu.indexer_logits
+        fn = indexer_gpu.indexer_logits_fp8 if a.op == "indexer_fp8" else indexer_gpu.indexer_logits
         args = jax.eval_shape(functools.partial(indexer_inputs, 1, a.rows, a.tk))
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)

@@ -4,7 +4,8 @@ Random weights of a preset (default: the 30B GLM-4.7-Flash + DSA shape, 47 layer
 for each pattern and context length it times one chunked prefill of a random prompt (after compiling
 on its first chunk) and then `--decode-steps` decode steps, and reports the speedup of every pattern
 over the first one, measured in the same run. Compare with the paper's SGLang figures (indexcache.md
-section 4): 200K prefill 19.5 s all-F -> 10.7 s at 1/4; decode 58 -> 86 tok/s.
+section 4): 200K prefill 19.5 s all-F -> 10.7 s at 1/4; decode 58 -> 86 tok/s. --indexer-fp8 scores the keys
+with FP8 indexer logits (the config's `indexer_fp8`); compare it with a run without the flag.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per point (default 32)")
     p.add_argument("--batch", type=int, default=1, help="sequences per request batch (default 1)")
     p.add_argument("--impl", choices=MODEL_IMPLS, default="auto", help="op implementation (default auto)")
+    p.add_argument("--indexer-fp8", action="store_true",
+                   help="FP8 indexer logits (e4m3, a scale per vector) for top-k selection (default bf16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     a = p.parse_args(argv)
@@ -118,6 +121,8 @@ def main(argv=None) -> int:
     cfg = load_config(a.config)
     if a.layers:
         cfg = cfg.replace(num_hidden_layers=a.layers, first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
+    if a.indexer_fp8:
+        cfg = cfg.replace(indexer_fp8=True)
     contexts = parse_contexts(a.contexts)
     if max(contexts) + a.decode_steps > cfg.max_position_embeddings:
         raise UserError(f"context {max(contexts)} exceeds max_position_embeddings {cfg.max_position_embeddings}")
@@ -132,6 +137,7 @@ def main(argv=None) -> int:
         if a.json:
             atomic_write_text(a.json, json.dumps({"device": device, "jax": jax.__version__, "impl": impl,
                                                   "config": a.config, "layers": cfg.num_hidden_layers,
+                                                  "indexer_fp8": cfg.indexer_fp8,
                                                   "rows": rows + more}, indent=2))
 
     with tqdm(total=len(patterns) * len(contexts), desc="e2e", unit="point") as bar:
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
         r["decode_speedup"] = r["decode_tok_s"] / base[r["context"]]["decode_tok_s"]
     save([])
     print(f"\n{cfg.num_hidden_layers} layers, {device}, jax {jax.__version__}, impl {impl}, batch {a.batch}, "
-          f"chunk {a.chunk_size}")
+          f"chunk {a.chunk_size}, indexer {'fp8' if cfg.indexer_fp8 else 'bf16'}")
     print(f"{'context':>8} {'indexers':>9} {'prefill s':>10} {'speedup':>8} {'decode tok/s':>13} {'speedup':>8}"
           f" | paper all-F/1/4 prefill s, decode tok/s")
     for r in rows:

@@ -6,6 +6,11 @@ key is visible) and decode batches (one query per sequence at position Tk - 1). 
 time (median), its rate as TFLOP/s and GB/s with the share of the measured bf16 matmul and copy ceilings,
 and the XLA reference time beside it ("OOM" where XLA runs out of memory). A correctness check of every
 kernel against the XLA reference runs first (skip with --no-check).
+
+With --indexer-fp8, an "indexer_fp8" row follows each indexer row: the same logits with q and k quantized to
+e4m3 (a scale per vector), against the XLA FP8 reference. Its time includes quantizing the bf16 q and k on
+every call (the key cache is bf16), and "% mm" is still the share of the bf16 ceiling (the fp8 peak of
+H100/H200 is twice that, so up to 200%).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ic_jax.pallas.dispatch import pallas_name
 H_I, D_I, TOPK = 32, 128, 2048
 HEADS, LATENT, ROPE = 20, 512, 64
 SCALE = (192 + 64) ** -0.5
-OPS = ("indexer", "topk", "mla")
+OPS = ("indexer", "topk", "mla")  # --indexer-fp8 adds "indexer_fp8"
 COLUMNS = [("op", "op"), ("mode", "mode"), ("tk", "Tk"), ("shape", "B x Tq"), ("ms", "ms"),
            ("tflops", "TFLOP/s"), ("pct_matmul", "% mm"), ("gbs", "GB/s"), ("pct_copy", "% copy"),
            ("xla_ms", "XLA ms"), ("speedup", "XLA/pallas")]
@@ -60,8 +65,8 @@ def mla_inputs(b, tq, tk, k=TOPK, seed=0):
 
 
 def fns(op: str, impl: str, k: int = TOPK):
-    if op == "indexer":
-        return jax.jit(functools.partial(indexer_logits, implementation=impl))
+    if op in ("indexer", "indexer_fp8"):
+        return jax.jit(functools.partial(indexer_logits, fp8=op == "indexer_fp8", implementation=impl))
     if op == "topk":
         return jax.jit(functools.partial(topk_indices, k=k, implementation=impl))
     return jax.jit(functools.partial(sparse_mla, scale=SCALE, implementation=impl))
@@ -79,8 +84,9 @@ def same_sets(a, b) -> bool:
     return bool(np.array_equal(np.sort(np.asarray(a), -1), np.sort(np.asarray(b), -1)))
 
 
-def check(impl: str) -> list[str]:
-    """Pallas vs XLA on small ragged shapes; returns failure lines (a kernel that fails to run is one)."""
+def check(impl: str, fp8: bool = False) -> list[str]:
+    """Pallas vs XLA on small ragged shapes, the FP8 indexer too if `fp8`; returns failure lines (a kernel that
+    fails to run is one)."""
     bad = []
 
     def expect(name, ok_fn):
@@ -90,12 +96,12 @@ def check(impl: str) -> list[str]:
         except Exception as e:
             bad.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
 
-    def indexer_case(tq):
+    def indexer_case(tq, op):
         q, k, w, pos, _ = indexer_inputs(2, tq, 1000, seed=tq)
         kv_len = jnp.array([1000, 700], jnp.int32)
-        got, ref = (fns("indexer", i)(q, k, w, pos, kv_len) for i in (impl, "xla"))
+        got, ref = (fns(op, i)(q, k, w, pos, kv_len) for i in (impl, "xla"))
         e = rel_err(got, ref)
-        for kk in (64, TOPK):
+        for kk in (64, TOPK) if op == "indexer" else ():
             expect(f"topk Tq={tq} k={kk}", lambda: None if same_sets(*(fns("topk", i, kk)(ref) for i in (impl, "xla")))
                    else "sets differ")
         return None if e < 1e-4 else f"rel err {e:.2e}"
@@ -111,8 +117,9 @@ def check(impl: str) -> list[str]:
         e = max(rel_err(o, ro), rel_err(lse, rlse))
         return None if e < 2e-2 else f"rel err {e:.2e}"
 
-    for tq in (100, 1):
-        expect(f"indexer Tq={tq}", lambda: indexer_case(tq))
+    for op in ("indexer", "indexer_fp8") if fp8 else ("indexer",):
+        for tq in (100, 1):
+            expect(f"{op} Tq={tq}", lambda: indexer_case(tq, op))
     for tq in (300, 1):  # 300 queries run unsplit, 1 query split over the selected set
         expect(f"mla Tq={tq}", lambda: mla_case(tq))
     expect("topk ties", ties_case)
@@ -148,12 +155,14 @@ def run_size(tk, a, ceil, impl) -> list[dict]:
     rows = []
     cases = [("prefill", 1, min(a.chunk, tk))] + [("decode", b, 1) for b in a.decode_batches]
     for mode, b, tq in cases:
+        start = len(rows)
         if "indexer" in a.ops or "topk" in a.ops:
             q, k, w, pos, kv_len = indexer_inputs(b, tq, tk)
             vis = float(jnp.sum(jnp.minimum(pos + 1, tk)))
-            if "indexer" in a.ops:
-                rows.append(measure("indexer", mode, tk, b, tq, (q, k, w, pos, kv_len), vis * 2 * H_I * D_I,
-                                    k.nbytes + q.nbytes + b * tq * tk * 4, ceil, impl, not a.no_xla))
+            for op in ("indexer", "indexer_fp8"):
+                if op in a.ops:
+                    rows.append(measure(op, mode, tk, b, tq, (q, k, w, pos, kv_len), vis * 2 * H_I * D_I,
+                                        k.nbytes + q.nbytes + b * tq * tk * 4, ceil, impl, not a.no_xla))
             if "topk" in a.ops:
                 logits = fns("indexer", impl)(q, k, w, pos, kv_len)
                 rows.append(measure("topk", mode, tk, b, tq, (logits,), None, logits.nbytes + b * tq * TOPK * 4,
@@ -166,7 +175,7 @@ def run_size(tk, a, ceil, impl) -> list[dict]:
             rows.append(measure("mla", mode, tk, b, tq, args, b * tq * 2.0 * HEADS * (2 * LATENT + ROPE) * TOPK,
                                 b * tq * per_query, ceil, impl, not a.no_xla))
             del args
-        print_table(rows[-len(a.ops):], COLUMNS)
+        print_table(rows[start:], COLUMNS)
     return rows
 
 
@@ -178,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-batches", default="1,64", help="decode batch sizes (default 1,64)")
     p.add_argument("--no-xla", action="store_true", help="skip the XLA reference timings")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against XLA")
+    p.add_argument("--indexer-fp8", action="store_true",
+                   help="also time (and check) the FP8 indexer logits: an indexer_fp8 row after each indexer row")
     p.add_argument("--quick", action="store_true", help="8k,32k only, chunk 512, decode batch 8")
     p.add_argument("--json", type=Path, help="write every row, the ceilings and the device as JSON here")
     a = p.parse_args(argv)
@@ -186,6 +197,10 @@ def main(argv=None) -> int:
     ops = [o.strip() for o in a.ops.split(",") if o.strip()]
     if not ops or set(ops) - set(OPS):
         p.error(f"--ops {a.ops!r}: choose from {','.join(OPS)}")
+    if a.indexer_fp8:
+        if "indexer" not in ops:
+            p.error("--indexer-fp8 adds rows beside the indexer's: keep indexer in --ops")
+        ops.append("indexer_fp8")
     a.ops = ops
     sizes = parse_sizes(a.sizes)
     try:
@@ -199,7 +214,7 @@ def main(argv=None) -> int:
         raise UserError("the kernels benchmark needs a GPU or TPU (on CPU, Pallas runs only in interpret mode)")
     device = jax.devices()[0].device_kind
     print(f"{device}, jax {jax.__version__}, implementation {impl}", flush=True)
-    failures = [] if a.no_check else check(impl)
+    failures = [] if a.no_check else check(impl, a.indexer_fp8)
     if not a.no_check:
         print("check: " + ("all kernels match XLA" if not failures else "FAILED: " + "; ".join(failures)), flush=True)
     ceil = measure_ceilings()

@@ -40,7 +40,7 @@ def call(op: str, table: dict[str, Callable], args: tuple, *, implementation: st
     """Runs `op` with the chosen implementation. None picks the backend's Pallas kernel, except for
     `small` (decode-sized) calls on GPU, where one kernel program per row leaves most of the chip idle and
     XLA measured faster (BENCHMARKS.md, kernels table). An op with no kernel for the requested Pallas backend
-    (the grouped matmul on TPU) runs its XLA reference."""
+    (the grouped matmul and the FP8 indexer logits on TPU) runs its XLA reference."""
     if implementation in ("pallas_gpu", "pallas_tpu") and implementation not in table:
         implementation = "xla"
     if implementation is None:

@@ -4,6 +4,9 @@ Grid (batch, query block, key block). The heads are reduced inside the kernel, o
 per head (ReLU, scale by w, accumulate in fp32), so [Tq, H, Tk] never exists. Key blocks wholly past the
 causal / kv_len limit of their query block write -inf without loading anything. Fewer than 16 queries
 (decode) use a per-query kernel that puts the heads in the dot's rows instead: [H, D] x [D, bk].
+
+FP8 (`indexer_logits_fp8`): the same kernels on e4m3 q and k with fp32 accumulation (Hopper fp8 dots; the
+contraction D must be a multiple of 32), the q scales folded into w and the k scales applied after the head sum.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ic_jax.errors import UserError
 from ic_jax.pallas.common import next_pow2
+from ic_jax.pallas.indexer_logits.reference import fp8_inputs
 
 MIN_DOT_ROWS = 16  # Triton's smallest dot tile
 # (block_k, num_warps, num_stages) by kernel; the block kernel's is the best of a sweep on the H200 (BENCHMARKS.md)
@@ -32,7 +37,8 @@ def _store(o_ref, val, rows, cols, tq: int, tk: int):
     plgpu.store(o_ref, val, mask=(rows < tq) & (cols < tk))
 
 
-def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref, *, heads: int, tq: int, tk: int):
+def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, *refs, heads: int, tq: int, tk: int):
+    *scale_ref, o_ref = refs  # the k scales, on the FP8 path only, then the output
     bq, bk = o_ref.shape
     start = pl.program_id(2) * bk
     rows = (pl.program_id(1) * bq + jnp.arange(bq, dtype=jnp.int32))[:, None]
@@ -55,10 +61,13 @@ def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref, *, heads: int, t
             return acc + jnp.maximum(s, 0.0) * w_ref[:, h].astype(jnp.float32)[:, None]
 
         acc = jax.lax.fori_loop(0, heads, head, jnp.zeros(o_ref.shape, jnp.float32))
+        if scale_ref:
+            acc = acc * scale_ref[0][...][None, :]
         _store(o_ref, jnp.where(_visible(pos[:, None], kv_len, cols), acc, -jnp.inf), rows, cols, tq, tk)
 
 
-def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref, *, tk: int):
+def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, *refs, tk: int):
+    *scale_ref, o_ref = refs
     bk = k_ref.shape[0]
     start = pl.program_id(2) * bk
     cols = start + jnp.arange(bk, dtype=jnp.int32)
@@ -75,13 +84,16 @@ def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, o_ref, *, tk: int):
         s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)  # [H, bk]
         acc = jnp.sum(jnp.maximum(s, 0.0) * w_ref[...].astype(jnp.float32)[:, None], axis=0)
+        if scale_ref:
+            acc = acc * scale_ref[0][...]
         _store(o_ref, jnp.where(_visible(pos, kv_len, cols), acc, -jnp.inf), 0, cols, 1, tk)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_q", "block_k", "num_warps", "num_stages"))
-def indexer_logits(q, k, w, q_pos, kv_len, *, interpret: bool = False, block_q: int = 64,
+def indexer_logits(q, k, w, q_pos, kv_len, k_scale=None, *, interpret: bool = False, block_q: int = 64,
                    block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
-    """Same contract as `reference.indexer_logits`. Unset tuning knobs take the kernel's defaults above."""
+    """Same contract as `reference.indexer_logits`; with `k_scale` [B, Tk] every logit of key s is multiplied by
+    k_scale[b, s] (the FP8 path). Unset tuning knobs take the kernel's defaults above."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     tuning = QUERY_TUNING if Tq < MIN_DOT_ROWS else BLOCK_TUNING
@@ -95,24 +107,34 @@ def indexer_logits(q, k, w, q_pos, kv_len, *, interpret: bool = False, block_q: 
     w = jnp.pad(w, [(0, 0), (0, tq_pad), (0, 0)])
     q_pos = jnp.pad(q_pos.astype(jnp.int32), [(0, 0), (0, tq_pad)], constant_values=-1)
     k = jnp.pad(k, [(0, 0), (0, tk_pad), (0, 0)])
+    scales = () if k_scale is None else (jnp.pad(k_scale.astype(jnp.float32), [(0, 0), (0, tk_pad)]),)
     kv_len = kv_len.astype(jnp.int32)
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out_shape = jax.ShapeDtypeStruct((B, Tq, Tk), jnp.float32)
     k_spec = pl.BlockSpec((None, bk, D), lambda b, i, j: (b, j, 0))
     len_spec = pl.BlockSpec((1,), lambda b, i, j: (b,))
+    scale_specs = [pl.BlockSpec((None, bk), lambda b, i, j: (b, j))] * len(scales)
     if Tq < MIN_DOT_ROWS:
         grid = (B, Tq, pl.cdiv(Tk, bk))
         in_specs = [pl.BlockSpec((None, None, H, D), lambda b, i, j: (b, i, 0, 0)), k_spec,
                     pl.BlockSpec((None, None, H), lambda b, i, j: (b, i, 0)),
-                    pl.BlockSpec((None, 1), lambda b, i, j: (b, i)), len_spec]
+                    pl.BlockSpec((None, 1), lambda b, i, j: (b, i)), len_spec, *scale_specs]
         out_spec = pl.BlockSpec((None, None, bk), lambda b, i, j: (b, i, j))
         kernel = functools.partial(_query_kernel, tk=Tk)
     else:
         grid = (B, pl.cdiv(Tq, bq), pl.cdiv(Tk, bk))
         in_specs = [pl.BlockSpec((None, bq, H, D), lambda b, i, j: (b, i, 0, 0)), k_spec,
                     pl.BlockSpec((None, bq, H), lambda b, i, j: (b, i, 0)),
-                    pl.BlockSpec((None, bq), lambda b, i, j: (b, i)), len_spec]
+                    pl.BlockSpec((None, bq), lambda b, i, j: (b, i)), len_spec, *scale_specs]
         out_spec = pl.BlockSpec((None, bq, bk), lambda b, i, j: (b, i, j))
         kernel = functools.partial(_block_kernel, heads=H, tq=Tq, tk=Tk)
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
-                          compiler_params=params, interpret=interpret)(q, k, w, q_pos, kv_len)
+                          compiler_params=params, interpret=interpret)(q, k, w, q_pos, kv_len, *scales)
+
+
+def indexer_logits_fp8(q, k, w, q_pos, kv_len, **kwargs):
+    """Same contract as `reference.indexer_logits_fp8`; `kwargs` as for `indexer_logits`."""
+    if q.shape[-1] % 32:
+        raise UserError(f"FP8 indexer logits need a head dim divisible by 32 (Hopper fp8 dots), got {q.shape[-1]}")
+    q8, k8, wq, k_scale = fp8_inputs(q, k, w)
+    return indexer_logits(q8, k8, wq, q_pos, kv_len, k_scale, **kwargs)

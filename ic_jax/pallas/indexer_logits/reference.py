@@ -1,10 +1,13 @@
-"""Lightning-indexer logits in plain jnp: the definition of correct for every kernel of this op."""
+"""Lightning-indexer logits in plain jnp: the definition of correct for every kernel of this op, in bf16 and in
+FP8 (e4m3 with one fp32 scale per vector, as DeepSeek quantizes the indexer)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 def indexer_logits(
@@ -30,6 +33,37 @@ def indexer_logits(
     acc = jnp.zeros((B, Tq, k.shape[1]), jnp.float32)
     acc, _ = jax.lax.scan(add_head, acc, (jnp.moveaxis(q, 2, 0), jnp.moveaxis(w, 2, 0)))
     return jnp.where(visible_mask(q_pos, kv_len, k.shape[1]), acc, -jnp.inf)
+
+
+def indexer_logits_fp8(q, k, w, q_pos, kv_len) -> Float[Array, "B Tq Tk"]:
+    """The FP8 variant of `indexer_logits`: q and k quantized by `fp8_inputs`, the formula evaluated on the
+    dequantized e4m3 values in fp32 (their products are exact, so a kernel differs only in summation order)."""
+    q8, k8, wq, k_scale = fp8_inputs(q, k, w)
+    return indexer_logits(q8.astype(jnp.float32), k8.astype(jnp.float32), wq, q_pos, kv_len) * k_scale[:, None, :]
+
+
+@jax.custom_jvp
+def quantize_fp8(x: Float[Array, "... D"]) -> tuple[Array, Float[Array, "..."]]:
+    """Per-vector e4m3: x ~ x8 * scale[..., None] with scale = amax / 448 over the last axis (1 for zero vectors).
+
+    Not differentiable (JAX would pass gradients straight through the rounding, silently): FP8 logits are for
+    top-k selection, and differentiating them raises."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    return jnp.clip(x / scale[..., None], -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
+
+
+@quantize_fp8.defjvp
+def _no_gradient(primals, tangents):
+    raise TypeError("FP8 indexer logits have no gradient; differentiate the bf16 logits (fp8=False) instead")
+
+
+def fp8_inputs(q: Float[Array, "B Tq H D"], k: Float[Array, "B Tk D"], w: Float[Array, "B Tq H"]):
+    """(q8, k8, w * q_scale, k_scale). The scales are positive, so relu(sq sk x) = sq sk relu(x): the logits are
+    k_scale[s] * sum_h (w * q_scale)[h] relu(q8[h] . k8[s]), the k scale applied once after the head sum."""
+    (q8, q_scale), (k8, k_scale) = quantize_fp8(q), quantize_fp8(k)
+    return q8, k8, w.astype(jnp.float32) * q_scale, k_scale
 
 
 def visible_mask(q_pos: Int[Array, "B Tq"], kv_len: Int[Array, "B"], tk: int) -> Array:

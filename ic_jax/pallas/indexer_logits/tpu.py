@@ -4,6 +4,7 @@ Grid (batch, query block, key block), the heads reduced in-kernel ([bq, D] x [D,
 fp32 accumulate). Each query block's visible limit min(max q_pos + 1, kv_len) is scalar-prefetched: it
 drives the key BlockSpec (blocks past the limit map to the last needed block, so no new DMA is issued) and
 the kernel writes -inf there without computing. q and w are laid out head-major so a head is a leading index.
+There is no FP8 kernel: not every TPU generation has fp8 matmuls, so fp8=True runs the XLA reference.
 """
 
 from __future__ import annotations
