@@ -20,7 +20,7 @@ mla_op = importlib.import_module("ic_jax.pallas.sparse_mla")
 topk_op = importlib.import_module("ic_jax.pallas.topk")
 
 SMALL_BLOCKS = {
-    "pallas_gpu": {"indexer_logits": dict(block_q=16, block_k=32), "topk": dict(chunk=16),
+    "pallas_gpu": {"indexer_logits": dict(block_q=16, block_k=32), "topk": dict(chunk=16, cap=32),
                    "sparse_mla": dict(block_h=4, block_k=8)},
     "pallas_tpu": {"indexer_logits": dict(block_q=8, block_k=32), "topk": dict(block_rows=8),
                    "sparse_mla": dict(block_k=8)},
@@ -175,6 +175,29 @@ def test_gpu_decode_splits_match_unsplit():
     many = fn(*args, 0.5, interpret=True, block_k=8, splits=4)
     for a, b in zip(one, many):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_topk_seeded_rows():
+    """The GPU top-k's three stages on rows longer than its candidate buffer: a seed from block maxima, the
+    filter, the in-register select; rows whose candidates overflow the buffer (ties, short visible prefixes)
+    take the streaming path. Sets against the float64 reference, each row in ascending index order."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 8, 1000)).astype(np.float32)
+    x[0, 1] += np.linspace(0, 6, 1000, dtype=np.float32)  # rising: the top-k sits in the last blocks
+    x[0, 2, 900:] += 8  # one cluster above everything else
+    x[0, 3] = np.round(x[0, 3])  # heavy ties: overflows the buffer
+    x[0, 4, 150:] = -np.inf  # a short visible prefix: too few blocks for a seed
+    x[0, 5, 600:] = -np.inf
+    x[1, :, 1::3] = -np.inf  # ragged visibility
+    x[1, 6] = 2.0  # all tied
+    for k in (3, 24):
+        got = np.asarray(topk_op.IMPLEMENTATIONS["pallas_gpu"](jnp.asarray(x), k, interpret=True, cap=64, chunk=32))
+        ref = topk_ref_sets(x, k)
+        for b in range(2):
+            for t in range(8):
+                row = got[b, t]
+                assert row[row >= 0].tolist() == ref[b, t], (k, b, t)
+                assert (row[len(ref[b, t]):] == -1).all(), (k, b, t)
 
 
 def test_entry_points_dispatch():

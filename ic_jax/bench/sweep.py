@@ -20,12 +20,14 @@ from ic_jax.pallas.indexer_logits import gpu as indexer_gpu, reference as indexe
 from ic_jax.pallas.sparse_mla import gpu as mla_gpu, reference as mla_ref
 from ic_jax.pallas.topk import gpu as topk_gpu, reference as topk_ref
 
-VARIANTS = {  # op -> keyword settings tried; the first entry is the kernel's default (None: left to the kernel)
+VARIANTS = {  # op -> keyword settings tried; the first is the kernel's default (None or absent: the kernel's own)
     "indexer": [dict(block_k=bk, num_warps=w, num_stages=s) for bk, w, s in
                 [(None, None, None), (256, 8, 2), (128, 4, 2), (128, 8, 3), (64, 4, 3), (256, 4, 3)]],
     "mla": [dict(block_k=bk, num_warps=w, num_stages=s) for bk, w, s in
             [(64, None, None), (64, 8, 2), (64, 4, 2), (64, 4, 4), (32, 4, 3), (64, 2, 3)]],
-    "topk": [dict(chunk=c, num_warps=w) for c, w in [(2048, 4), (2048, 8), (1024, 4), (1024, 8), (4096, 4)]],
+    "topk": [{}] + [dict(cap=c, chunk=n, num_warps=w, select_warps=sw) for c, n, w, sw in
+                    [(4096, 2048, 4, 4), (8192, 1024, 4, 4), (8192, 2048, 8, 4), (8192, 2048, 4, 8),
+                     (16384, 2048, 4, 8)]],
 }
 KERNELS = {"indexer": indexer_gpu.indexer_logits, "mla": functools.partial(mla_gpu.sparse_mla, scale=SCALE),
            "topk": functools.partial(topk_gpu.topk_indices, k=TOPK)}
