@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import datetime
 import functools
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ic_jax.bench.timing import write_json
+from ic_jax.bench.timing import median_time, write_json
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.pallas.grouped_matmul import gpu, reference
 
@@ -31,19 +29,6 @@ def routed_sizes(rng) -> np.ndarray:
     p = rng.dirichlet(np.ones(EXPERTS) * 2.0)
     choice = np.argsort(-np.log(rng.random((TOKENS, EXPERTS))) / p, axis=1)[:, :TOPK]
     return np.bincount(choice.ravel(), minlength=EXPERTS).astype(np.int32)
-
-
-def timed(fn, *args, reps: int = 20) -> float:
-    """Median ms per call over 5 batches of `reps` calls, after a warm-up."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) * 1e3 / reps)
-    return statistics.median(times)
 
 
 def group_loop(x, w, sizes) -> np.ndarray:
@@ -82,11 +67,11 @@ def main(argv=None) -> int:
         g = jnp.asarray(sizes)
         flops = 2 * (M - 64) * K * N
         ref = group_loop(x, w, sizes)
-        ms = timed(jax.jit(reference.grouped_matmul), x, w, g, reps=3)
+        ms = median_time(jax.jit(reference.grouped_matmul), x, w, g) * 1e3
         rows.append((name, "ragged_dot", ms, flops / ms / 1e9, rel_err(reference.grouped_matmul(x, w, g), ref)))
         print(*rows[-1], flush=True)
         dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
-        ms = timed(dense, x, w[0])
+        ms = median_time(dense, x, w[0]) * 1e3
         rows.append((name, "dense same FLOPs", ms, 2 * M * K * N / ms / 1e9, float("nan")))
         print(*rows[-1], flush=True)
         for bm, bn, bk, warps, stages in VARIANTS:
@@ -95,7 +80,7 @@ def main(argv=None) -> int:
                                            num_stages=stages))
             try:
                 err = rel_err(fn(x, w, g), ref)
-                ms = timed(fn, x, w, g)
+                ms = median_time(fn, x, w, g) * 1e3
             except Exception as e:  # a variant that fails to compile should not end the run
                 print(label, "FAILED:", str(e).splitlines()[0][:300])
                 continue
