@@ -5,7 +5,9 @@ from __future__ import annotations
 from ic_jax.pallas import dispatch
 from ic_jax.pallas.sparse_mla import gpu, reference, tpu
 
-SMALL_QUERIES = 64  # decode batches up to this: XLA measured faster (H200: 0.31 vs 0.56 ms at 64 x 200K)
+# decode batches up to this run XLA (H100: 0.077 vs 0.087 ms at 1 x 200K; the kernel wins at 64, 0.12 vs 0.27 ms;
+# BENCHMARKS.md, kernels table)
+SMALL_QUERIES = 16
 IMPLEMENTATIONS = {"xla": reference.sparse_mla, "pallas_gpu": gpu.sparse_mla, "pallas_tpu": tpu.sparse_mla}
 
 

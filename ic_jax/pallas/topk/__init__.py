@@ -5,7 +5,9 @@ from __future__ import annotations
 from ic_jax.pallas import dispatch
 from ic_jax.pallas.topk import gpu, reference, tpu
 
-SMALL_ROWS = 16  # fewer rows: XLA's sort beats one kernel program per row (H200: 0.18 vs 0.38 ms at 1 x 200K)
+# fewer rows: XLA's sort beats one kernel program per row (H100: 0.13 vs 0.17 ms at 1 x 200K; the kernel wins at 64
+# rows, 0.23 vs 1.7 ms; BENCHMARKS.md, kernels table)
+SMALL_ROWS = 16
 IMPLEMENTATIONS = {"xla": reference.topk_indices, "pallas_gpu": gpu.topk_indices, "pallas_tpu": tpu.topk_indices}
 
 
