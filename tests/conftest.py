@@ -6,6 +6,7 @@ code), in float64 numpy, and never calls ic_jax code: it reads only the raw para
 
 from __future__ import annotations
 
+import gc
 import math
 import types
 
@@ -19,6 +20,16 @@ from ic_jax.config import load_config
 
 # ----------------------------------------------------------------------------------------------------------
 # fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops each test file's compiled programs when it ends. The CPU backend maps JIT code for every program
+    (the interpret-mode kernels compile hundreds), and one process running the whole suite otherwise reaches
+    the kernel's limit on memory maps (vm.max_map_count, 65530), where XLA aborts mid-compile."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
