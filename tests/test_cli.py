@@ -1,4 +1,5 @@
-"""The generate command as a user runs it: good path, and one-line exit-2 errors for bad input."""
+"""The generate command as a user runs it: good path, and one-line exit-2 errors for bad input (the bench sweep's
+too)."""
 
 import json
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
+from ic_jax.bench import sweep
 from ic_jax.checkpoint import save_checkpoint
 from ic_jax.config import load_config
 from ic_jax.model import DSAModel
@@ -63,3 +65,13 @@ def test_missing_checkpoint_and_mismatched_config(ckpt, tmp_path):
     other.write_text(json.dumps({**load_config("tiny").to_dict(), "hidden_size": 32}))
     r = run("--ckpt", str(ckpt), "--config", str(other), "--prompt", "x")
     assert r.returncode == 2 and "does not match" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tk", "1k,2k"], "one context length"),
+    (["--ops", "indexer,attn"], "choose from"),
+])
+def test_bench_sweep_bad_input_is_one_line_exit_2(args, message, capsys):
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -63,7 +63,10 @@ def main(argv=None) -> int:
     ops = [o for o in a.ops.split(",") if o]
     if not ops or set(ops) - set(VARIANTS):
         raise UserError(f"--ops {a.ops!r}: choose from indexer,mla,topk")
-    (tk,), chunks = parse_sizes(a.tk), parse_sizes(a.chunks)
+    sizes, chunks = parse_sizes(a.tk), parse_sizes(a.chunks)
+    if len(sizes) != 1:
+        raise UserError(f"--tk {a.tk!r}: the sweep runs at one context length; give one, like 200k")
+    tk = sizes[0]
     if jax.default_backend() != "gpu":
         raise UserError("the sweep times the Pallas GPU (Triton) kernels: run it on a GPU")
     device = jax.devices()[0].device_kind
