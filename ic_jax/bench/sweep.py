@@ -81,9 +81,9 @@ def main(argv=None) -> int:
                 t = attempt(jax.jit(functools.partial(KERNELS[op], **settings)), *args)
                 label = " ".join(f"{k}={'default' if v is None else v}" for k, v in settings.items())
                 label += " (default)" if n == 0 else ""
-                rows.append({"op": op, "tq": tq, "settings": label,
-                             "ms": t * 1e3 if isinstance(t, float) else t})
-                print(f"{op} Tq={tq} {label}: " + (f"{t * 1e3:.3f} ms" if isinstance(t, float) else t), flush=True)
+                ms = t * 1e3 if isinstance(t, float) else t  # or the failure's text
+                rows.append({"op": op, "tq": tq, "settings": label, "ms": ms})
+                print(f"{op} Tq={tq} {label}: " + (f"{ms:.3f} ms" if isinstance(ms, float) else ms), flush=True)
             del args
     print("\nall variants:")
     print_table(rows, [("op", "op"), ("tq", "Tq"), ("settings", "settings"), ("ms", "ms")])
