@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ic_jax.errors import UserError
 from ic_jax.pallas.indexer_logits.reference import quantize_fp8
 
 # the op packages (ic_jax.pallas re-exports their functions under the same names)
@@ -21,7 +22,7 @@ topk_op = importlib.import_module("ic_jax.pallas.topk")
 
 SMALL_BLOCKS = {
     "pallas_gpu": {"indexer_logits": dict(block_q=16, block_k=32), "topk": dict(chunk=16, cap=32),
-                   "sparse_mla": dict(block_h=4, block_k=8)},
+                   "sparse_mla": dict(block_h=4, block_k=8, block_c=8)},
     "pallas_tpu": {"indexer_logits": dict(block_q=8, block_k=32), "topk": dict(block_rows=8),
                    "sparse_mla": dict(block_k=8)},
 }
@@ -175,6 +176,13 @@ def test_gpu_decode_splits_match_unsplit():
     many = fn(*args, 0.5, interpret=True, block_k=8, splits=4)
     for a, b in zip(one, many):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_sparse_mla_rejects_uneven_latent_chunks():
+    arr = lambda *s: jnp.zeros(s, jnp.float32)
+    args = (arr(1, 1, 4, 16), arr(1, 1, 4, 8), arr(1, 50, 16), arr(1, 50, 8), jnp.zeros((1, 1, 8), jnp.int32))
+    with pytest.raises(UserError, match="multiple of block_c=12"):
+        mla_op.IMPLEMENTATIONS["pallas_gpu"](*args, 0.5, interpret=True, block_c=12)
 
 
 def test_gpu_topk_seeded_rows():

@@ -23,9 +23,9 @@ from ic_jax.pallas.topk import gpu as topk_gpu, reference as topk_ref
 VARIANTS = {  # op -> keyword settings tried; the first is the kernel's default (None or absent: the kernel's own)
     "indexer": [dict(block_k=bk, num_warps=w, num_stages=s) for bk, w, s in
                 [(None, None, None), (256, 8, 2), (128, 4, 2), (128, 8, 3), (64, 4, 3), (256, 4, 3)]],
-    "mla": [dict(block_h=bh, block_k=bk, num_warps=w, num_stages=s) for bh, bk, w, s in
-            [(32, 64, None, None), (32, 64, 8, 2), (32, 64, 4, 2), (32, 64, 4, 4), (32, 32, 4, 3), (32, 64, 2, 3),
-             (16, 64, 4, 3)]],
+    "mla": [dict(block_h=bh, block_k=bk, block_c=bc, num_warps=w, num_stages=s) for bh, bk, bc, w, s in
+            [(None, 64, None, None, None), (32, 64, 128, 4, 2), (32, 64, 64, 4, 3), (32, 64, 256, 4, 3),
+             (32, 64, 512, 4, 3), (32, 32, 128, 4, 3), (16, 64, 128, 4, 3), (32, 64, 128, 8, 3)]],
     "topk": [{}] + [dict(cap=c, chunk=n, num_warps=w, select_warps=sw) for c, n, w, sw in
                     [(4096, 2048, 4, 4), (8192, 1024, 4, 4), (8192, 2048, 8, 4), (8192, 2048, 4, 8),
                      (16384, 2048, 4, 8)]],
