@@ -104,7 +104,10 @@ def check(impl: str, fp8: bool = False) -> list[str]:
         for kk in (64, TOPK) if op == "indexer" else ():
             expect(f"topk Tq={tq} k={kk}", lambda: None if same_sets(*(fns("topk", i, kk)(ref) for i in (impl, "xla")))
                    else "sets differ")
-        return None if e < 1e-4 else f"rel err {e:.2e}"
+        # FP8: Hopper's fp8 MMA sums each 128-long dot below fp32 precision (1.3e-4 on an H200, where FP8 and
+        # bf16 logits differ by 3.6e-2)
+        tol = 1e-3 if op == "indexer_fp8" else 1e-4
+        return None if e < tol else f"rel err {e:.2e}"
 
     def long_rows_case(x, k):  # rows longer than the GPU kernel's candidate buffer: seeded, or overflowing
         return None if same_sets(*(fns("topk", i, k)(x) for i in (impl, "xla"))) else "sets differ"

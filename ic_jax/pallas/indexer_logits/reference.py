@@ -37,7 +37,8 @@ def indexer_logits(
 
 def indexer_logits_fp8(q, k, w, q_pos, kv_len) -> Float[Array, "B Tq Tk"]:
     """The FP8 variant of `indexer_logits`: q and k quantized by `fp8_inputs`, the formula evaluated on the
-    dequantized e4m3 values in fp32 (their products are exact, so a kernel differs only in summation order)."""
+    dequantized e4m3 values in fp32 (their products are exact, so a kernel differs in summation order, and on
+    Hopper's fp8 MMA in the precision of each dot's accumulator)."""
     q8, k8, wq, k_scale = fp8_inputs(q, k, w)
     # the barrier keeps XLA (GPU, excess precision allowed) from folding the f32 -> e4m3 -> f32 round trip away
     q8, k8 = jax.lax.optimization_barrier((q8, k8))
