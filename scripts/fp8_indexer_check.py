@@ -15,7 +15,8 @@ import tempfile
 
 import jax
 
-from ic_jax.bench.kernels import attempt, indexer_inputs, rel_err
+from ic_jax.bench.kernels import indexer_inputs, rel_err
+from ic_jax.bench.timing import median_time
 from ic_jax.pallas.indexer_logits import gpu, reference
 
 
@@ -23,8 +24,10 @@ def mma_opcodes(workdir: str) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dump_triton_ir.py")
-    subprocess.run([sys.executable, script, "indexer_fp8", "--rows", "2048", "--tk", "65536"], check=True, cwd=workdir)
+    scripts = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(scripts), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, os.path.join(scripts, "dump_triton_ir.py"), "indexer_fp8", "--rows", "2048",
+                    "--tk", "65536"], check=True, cwd=workdir, env=env)
     compiled = triton.compile(os.path.join(workdir, "indexer_fp8.ttir"), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": gpu.BLOCK_TUNING[1], "num_stages": gpu.BLOCK_TUNING[2]})
     ops = collections.Counter(line.split("\t", 1)[1].split()[0] for line in compiled.asm["sass"].splitlines()
@@ -42,7 +45,7 @@ def main() -> None:
         ref = jax.jit(reference.indexer_logits_fp8)(*args)
         fp8, bf16 = jax.jit(gpu.indexer_logits_fp8), jax.jit(gpu.indexer_logits)
         err, err_bf16 = rel_err(fp8(*args), ref), rel_err(bf16(*args), ref)
-        t8, t16 = attempt(fp8, *args), attempt(bf16, *args)
+        t8, t16 = median_time(fp8, *args), median_time(bf16, *args)
         print(f"Tk={tk}: fp8 {t8 * 1e3:.3f} ms, bf16 {t16 * 1e3:.3f} ms, bf16/fp8 {t16 / t8:.2f}; relative error "
               f"against the FP8 reference: fp8 kernel {err:.2e}, bf16 kernel {err_bf16:.2e}", flush=True)
         del args, ref
