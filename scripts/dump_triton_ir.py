@@ -11,10 +11,9 @@ import re
 
 import jax
 import jax.numpy as jnp
-from jax import export
-from jax._src.pallas.triton import pallas_call_registration as registration
 
 from ic_jax.bench.kernels import SCALE, TOPK, indexer_inputs, mla_inputs
+from ic_jax.pallas.common import triton_modules
 from ic_jax.pallas.indexer_logits import gpu as indexer_gpu
 from ic_jax.pallas.sparse_mla import gpu as mla_gpu
 from ic_jax.pallas.topk import gpu as topk_gpu
@@ -26,15 +25,6 @@ def main() -> None:
     p.add_argument("--tk", type=int, default=204800, help="context length (default 204800)")
     p.add_argument("--rows", type=int, default=2048, help="queries (top-k rows) per call (default 2048)")
     a = p.parse_args()
-    modules = []
-    lower = registration.lowering.lower_jaxpr_to_triton_module
-
-    def keep(*args, **kwargs):
-        result = lower(*args, **kwargs)
-        modules.append(result.module.operation.get_asm())
-        return result
-
-    registration.lowering.lower_jaxpr_to_triton_module = keep
     # the benchmark's own inputs, as shapes only (nothing is allocated)
     if a.op == "topk":
         fn = functools.partial(topk_gpu.topk_indices, k=TOPK)
@@ -45,9 +35,7 @@ def main() -> None:
     else:
         fn = indexer_gpu.indexer_logits_fp8 if a.op == "indexer_fp8" else indexer_gpu.indexer_logits
         args = jax.eval_shape(functools.partial(indexer_inputs, 1, a.rows, a.tk))
-    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-    for n, text in enumerate(modules):
+    for n, text in enumerate(triton_modules(fn, *args)):
         path = f"{a.op}{n or ''}.ttir"
         with open(path, "w") as f:
             f.write(text)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ic_jax.errors import UserError
+from ic_jax.pallas.common import triton_modules
 from ic_jax.pallas.indexer_logits.reference import quantize_fp8
 
 # the op packages (ic_jax.pallas re-exports their functions under the same names)
@@ -168,28 +169,11 @@ def test_indexer_logits_fp8(impl, tq):
 def test_gpu_fp8_dots_take_hopper_mma():
     """The Triton IR of the GPU indexer, exported for CUDA here on the CPU: its fp8 dots carry
     maxNumImpreciseAcc = D (without it Triton runs them upcast on the Ampere MMA), its bf16 dots do not."""
-    from jax import export
-    from jax._src.pallas.triton import pallas_call_registration as registration
-
-    modules = []
-    lower = registration.lowering.lower_jaxpr_to_triton_module
-
-    def keep(*args, **kwargs):
-        result = lower(*args, **kwargs)
-        modules.append(result.module.operation.get_asm())
-        return result
-
     gpu = importlib.import_module("ic_jax.pallas.indexer_logits.gpu")
     B, Tq, H, D, Tk = 1, 64, 4, 64, 256
     args = [jax.ShapeDtypeStruct(s, t) for s, t in [((B, Tq, H, D), jnp.bfloat16), ((B, Tk, D), jnp.bfloat16),
                                                     ((B, Tq, H), jnp.float32), ((B, Tq), jnp.int32), ((B,), jnp.int32)]]
-    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    registration.lowering.lower_jaxpr_to_triton_module = keep
-    try:
-        for fn in (gpu.indexer_logits, gpu.indexer_logits_fp8):
-            export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
-    finally:
-        registration.lowering.lower_jaxpr_to_triton_module = lower
+    modules = [m for fn in (gpu.indexer_logits, gpu.indexer_logits_fp8) for m in triton_modules(fn, *args)]
     dots = [[line for line in m.splitlines() if "tt.dot" in line] for m in modules]
     assert len(dots) == 2 and all(len(d) == 1 for d in dots)
     assert "bf16" in dots[0][0] and "maxNumImpreciseAcc" not in dots[0][0]
