@@ -67,6 +67,15 @@ def _append(key_ref, idx_ref, key, idx, keep, n, cap: int):
     plgpu.store(idx_ref.at[dst], idx, mask=keep)
 
 
+def _chunk(x_ref, c, chunk: int):
+    """Chunk c of the row: (indices, order keys, mask of the elements no earlier chunk had). The last chunk
+    overlaps the one before, so no load is ragged."""
+    first = c * chunk
+    start = jnp.minimum(first, x_ref.shape[0] - chunk)
+    idx = start + jnp.arange(chunk, dtype=jnp.int32)
+    return idx, order_key(x_ref[pl.ds(start, chunk)]), idx >= first
+
+
 def _seed_kernel(maxima_ref, t_ref, *, k: int, blocks: int):
     key = order_key(maxima_ref[...])
     _, keep = _select(key, jnp.arange(key.shape[0], dtype=jnp.int32) < blocks, k, 0)
@@ -80,11 +89,8 @@ def _filter_kernel(x_ref, t_ref, key_ref, idx_ref, n_ref, *, chunk: int):
     t = t_ref[0]
 
     def step(c, n):
-        first = c * chunk
-        start = jnp.minimum(first, tk - chunk)  # the last chunk overlaps the one before: no ragged loads
-        idx = start + jnp.arange(chunk, dtype=jnp.int32)
-        key = order_key(x_ref[pl.ds(start, chunk)])
-        hit = (key >= t) & (idx >= first)
+        idx, key, new = _chunk(x_ref, c, chunk)
+        hit = (key >= t) & new
         _append(key_ref, idx_ref, key, idx, hit, n, cap)  # past cap: counted, not stored (overflow)
         return n + jnp.sum(hit.astype(jnp.int32))
 
@@ -116,11 +122,8 @@ def _stream_kernel(x_ref, todo_ref, o_ref, key_ref, idx_ref, *, k: int, chunk: i
     def step(c, carry):
         n, t = carry
         n, t = jax.lax.cond(n > cap - chunk, lambda: compact(n, (cap - chunk - k) // 4), lambda: (n, t))
-        first = c * chunk
-        start = jnp.minimum(first, tk - chunk)
-        idx = start + jnp.arange(chunk, dtype=jnp.int32)
-        key = order_key(x_ref[pl.ds(start, chunk)])
-        keep = (key > t) & (idx >= first)
+        idx, key, new = _chunk(x_ref, c, chunk)
+        keep = (key > t) & new
         _append(key_ref, idx_ref, key, idx, keep, n, cap)
         return n + jnp.sum(keep.astype(jnp.int32)), t
 
