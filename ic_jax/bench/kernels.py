@@ -11,6 +11,11 @@ With --indexer-fp8, an "indexer_fp8" row follows each indexer row: the same logi
 e4m3 (a scale per vector), against the XLA FP8 reference. Its time includes quantizing the bf16 q and k on
 every call (the key cache is bf16), and "% mm" is still the share of the bf16 ceiling (the fp8 peak of
 H100/H200 is twice that, so up to 200%).
+
+Sparse MLA prefill gathers 2048 rows of 576 values per query and does 38 FLOP per gathered byte at 20 heads, far
+below the matmul ridge, so its bound is the rate at which a kernel can gather rows. That rate is measured at
+each Tk in the same run (a Pallas kernel that only gathers the same rows, `gather_rows`), and "% roof" is the
+MLA prefill rate as a share of min(bf16 ceiling, FLOP per gathered byte x gather rate).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from ic_jax.bench.timing import measure_ceilings, median_time, print_table, write_json
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
@@ -34,6 +41,7 @@ SCALE = (192 + 64) ** -0.5
 OPS = ("indexer", "topk", "mla")  # --indexer-fp8 adds "indexer_fp8"
 COLUMNS = [("op", "op"), ("mode", "mode"), ("tk", "Tk"), ("shape", "B x Tq"), ("ms", "ms"),
            ("tflops", "TFLOP/s"), ("pct_matmul", "% mm"), ("gbs", "GB/s"), ("pct_copy", "% copy"),
+           ("pct_roof", "% roof"),
            ("xla_ms", "XLA ms"), ("speedup", "XLA/pallas")]
 
 
@@ -62,6 +70,38 @@ def mla_inputs(b, tq, tk, k=TOPK, seed=0):
     idx = jax.random.randint(jax.random.key(seed + 4), (b, tq, k), 0, tk, jnp.int32)
     return (rand(seed, (b, tq, HEADS, LATENT)), rand(seed + 1, (b, tq, HEADS, ROPE)), rand(seed + 2, (b, tk, LATENT)),
             rand(seed + 3, (b, tk, ROPE)), jnp.sort(idx, axis=-1))
+
+
+def _gather_rows_kernel(kv_ref, kr_ref, idx_ref, kv_sum_ref, kr_sum_ref, *, block_k):
+    ones = jnp.ones((16, block_k), kv_ref.dtype)  # a small dot consumes the rows, so they load as MLA's do
+
+    def body(j, sums):
+        rows = idx_ref[pl.ds(j * block_k, block_k)]
+        return tuple(acc + jnp.dot(ones, ref[rows, :], preferred_element_type=jnp.float32)
+                     for acc, ref in zip(sums, (kv_ref, kr_ref)))
+
+    init = tuple(jnp.zeros((16, ref.shape[1]), jnp.float32) for ref in (kv_ref, kr_ref))
+    kv_sum_ref[...], kr_sum_ref[...] = jax.lax.fori_loop(0, idx_ref.shape[0] // block_k, body, init)
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "interpret"))
+def gather_rows(kv, k_rope, indices, block_k: int = 32, interpret: bool = False):
+    """Sums of the latent and RoPE rows that `indices` [B, Tq, K] (no -1, K a multiple of block_k) select, per
+    query, as [B, Tq, 16, C] and [B, Tq, 16, R] (16 equal rows): sparse MLA's gathers without its math. Its rate
+    bounds sparse MLA prefill; block_k=32 at 4 warps / 4 stages was the fastest of 7 settings on the H100."""
+    B, Tq, K = indices.shape
+    (Tk, C), R = kv.shape[1:], k_rope.shape[-1]
+    return pl.pallas_call(
+        functools.partial(_gather_rows_kernel, block_k=block_k), grid=(B, Tq),
+        in_specs=[pl.BlockSpec((None, Tk, C), lambda b, t: (b, 0, 0)),
+                  pl.BlockSpec((None, Tk, R), lambda b, t: (b, 0, 0)),
+                  pl.BlockSpec((None, None, K), lambda b, t: (b, t, 0))],
+        out_specs=[pl.BlockSpec((None, None, 16, C), lambda b, t: (b, t, 0, 0)),
+                   pl.BlockSpec((None, None, 16, R), lambda b, t: (b, t, 0, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, Tq, 16, C), jnp.float32),
+                   jax.ShapeDtypeStruct((B, Tq, 16, R), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=4), interpret=interpret,
+    )(kv, k_rope, indices)
 
 
 def fns(op: str, impl: str, k: int = TOPK):
@@ -154,6 +194,20 @@ def measure(op, mode, tk, b, tq, args, flops, nbytes, ceil, impl, xla: bool) -> 
     return row
 
 
+def mla_roofline(row: dict, args, flops: float, ceil: dict) -> dict:
+    """The gather rate at this shape and the MLA row's share of min(matmul ceiling, FLOP/byte x gather rate)."""
+    gathered = args[4].size * (LATENT + ROPE) * 2
+    t = attempt(gather_rows, args[2], args[3], args[4])
+    if isinstance(t, str) or not isinstance(row.get("ms"), float):
+        return {}
+    roof = min(ceil["matmul_flops"], flops / t)  # FLOP per gathered byte x gather rate
+    print(f"gather ceiling at Tk={row['tk']}: {gathered / t / 1e12:.2f} TB/s of gathered rows "
+          f"-> sparse MLA roofline {roof / 1e12:.0f} TFLOP/s ({100 * roof / ceil['matmul_flops']:.0f}% of bf16)",
+          flush=True)
+    return {"gather_tbs": gathered / t / 1e12, "roof_tflops": roof / 1e12,
+            "pct_roof": 100 * flops / (row["ms"] / 1e3) / roof}
+
+
 def run_size(tk, a, ceil, impl) -> list[dict]:
     rows = []
     cases = [("prefill", 1, min(a.chunk, tk))] + [("decode", b, 1) for b in a.decode_batches]
@@ -175,8 +229,10 @@ def run_size(tk, a, ceil, impl) -> list[dict]:
         if "mla" in a.ops:
             args = mla_inputs(b, tq, tk)
             per_query = TOPK * (LATENT + ROPE) * 2 + HEADS * (2 * LATENT + ROPE) * 2
-            rows.append(measure("mla", mode, tk, b, tq, args, b * tq * 2.0 * HEADS * (2 * LATENT + ROPE) * TOPK,
-                                b * tq * per_query, ceil, impl, not a.no_xla))
+            flops = b * tq * 2.0 * HEADS * (2 * LATENT + ROPE) * TOPK
+            rows.append(measure("mla", mode, tk, b, tq, args, flops, b * tq * per_query, ceil, impl, not a.no_xla))
+            if mode == "prefill" and impl == "pallas_gpu":
+                rows[-1].update(mla_roofline(rows[-1], args, flops, ceil))
             del args
         print_table(rows[start:], COLUMNS)
     return rows
