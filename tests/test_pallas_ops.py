@@ -200,10 +200,12 @@ def test_gpu_sparse_mla_rejects_uneven_latent_chunks():
         mla_op.IMPLEMENTATIONS["pallas_gpu"](*args, 0.5, interpret=True, block_c=12)
 
 
-def test_gpu_topk_seeded_rows():
+@pytest.mark.parametrize("segments", [1, 4, None])
+def test_gpu_topk_seeded_rows(segments):
     """The GPU top-k's three stages on rows longer than its candidate buffer: a seed from block maxima, the
-    filter, the in-register select; rows whose candidates overflow the buffer (ties, short visible prefixes)
-    take the streaming path. Sets against the float64 reference, each row in ascending index order."""
+    filter (one program per row, or rows cut into segments that append in turn; None: the default, 16 here),
+    the in-register select; rows whose candidates overflow the buffer (ties, short visible prefixes) take the
+    streaming path. Sets against the float64 reference, each row in ascending index order."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 8, 1000)).astype(np.float32)
     x[0, 1] += np.linspace(0, 6, 1000, dtype=np.float32)  # rising: the top-k sits in the last blocks
@@ -214,7 +216,8 @@ def test_gpu_topk_seeded_rows():
     x[1, :, 1::3] = -np.inf  # ragged visibility
     x[1, 6] = 2.0  # all tied
     for k in (3, 24):
-        got = np.asarray(topk_op.IMPLEMENTATIONS["pallas_gpu"](jnp.asarray(x), k, interpret=True, cap=64, chunk=32))
+        got = np.asarray(topk_op.IMPLEMENTATIONS["pallas_gpu"](jnp.asarray(x), k, interpret=True, cap=64, chunk=32,
+                                                                 segments=segments))
         ref = topk_ref_sets(x, k)
         for b in range(2):
             for t in range(8):

@@ -28,7 +28,9 @@ VARIANTS = {  # op -> keyword settings tried; the first is the kernel's default 
              (32, 64, 512, 4, 3), (32, 32, 128, 4, 3), (16, 64, 128, 4, 3), (32, 64, 128, 8, 3)]],
     "topk": [{}] + [dict(cap=c, chunk=n, num_warps=w, select_warps=sw) for c, n, w, sw in
                     [(4096, 2048, 4, 4), (8192, 1024, 4, 4), (8192, 2048, 8, 4), (8192, 2048, 4, 8),
-                     (16384, 2048, 4, 8)]],
+                     (16384, 2048, 4, 8)]]
+            # the filter's segments per row (1: one program per row) for few rows (decode)
+            + [dict(segments=1), dict(chunk=512), dict(chunk=512, segments=64)],
 }
 KERNELS = {"indexer": indexer_gpu.indexer_logits, "mla": functools.partial(mla_gpu.sparse_mla, scale=SCALE),
            "topk": functools.partial(topk_gpu.topk_indices, k=TOPK)}

@@ -5,7 +5,9 @@
    and every top-k value is. `b` is the smallest power of two that leaves at most `cap` maxima.
 2. Filter: one program per row streams it once and appends every value >= t, in index order, to a
    buffer of `cap` candidates (about 2.5k for k = 2048 at 200K on random logits). No loop-carried state but the
-   write offset, so the program is light and many run per multiprocessor.
+   write offset, so the program is light and many run per multiprocessor. With few rows (decode), each row is
+   cut into segments, one program each: a first pass counts each segment's hits, and the second appends them
+   after the earlier segments' (the same buffer, the same order).
 3. Select: the candidates sit in registers; a bisection on the int32 order key finds the k-th largest,
    and ties at the cut go to the lower index.
 Rows whose candidates overflow `cap` (heavy ties, rows with fewer than k blocks of visible values)
@@ -27,6 +29,7 @@ from ic_jax.pallas.common import NEG_INF_KEY, next_pow2, order_key, prev_pow2
 
 INT_MIN = jnp.iinfo(jnp.int32).min
 INT_MAX = jnp.iinfo(jnp.int32).max
+TARGET_PROGRAMS = 256  # with few rows, the filter splits each row into segments to reach about this many programs
 
 
 def _count(key, valid, t):
@@ -83,18 +86,38 @@ def _seed_kernel(maxima_ref, t_ref, *, k: int, blocks: int):
     t_ref[...] = jnp.full(t_ref.shape, jnp.maximum(t, NEG_INF_KEY + 1), jnp.int32)
 
 
-def _filter_kernel(x_ref, t_ref, key_ref, idx_ref, n_ref, *, chunk: int):
-    tk = x_ref.shape[0]
-    cap = key_ref.shape[0] // 2
-    t = t_ref[0]
+def _segment_hits(x_ref, t, chunk: int, per_segment: int, visit=None):
+    """Counts the values >= t in this program's segment of the row (chunks s * per_segment, ... of it, s the
+    second grid index), calling visit(key, idx, hit, hits so far) on each chunk."""
+    nchunks = pl.cdiv(x_ref.shape[0], chunk)
+    first = pl.program_id(1) * per_segment
 
-    def step(c, n):
-        idx, key, new = _chunk(x_ref, c, chunk)
-        hit = (key >= t) & new
-        _append(key_ref, idx_ref, key, idx, hit, n, cap)  # past cap: counted, not stored (overflow)
+    def step(i, n):
+        c = first + i
+        idx, key, new = _chunk(x_ref, jnp.minimum(c, nchunks - 1), chunk)
+        hit = (key >= t) & new & (c < nchunks)
+        if visit is not None:
+            visit(key, idx, hit, n)
         return n + jnp.sum(hit.astype(jnp.int32))
 
-    n_ref[...] = jnp.full(n_ref.shape, jax.lax.fori_loop(0, pl.cdiv(tk, chunk), step, jnp.int32(0)))
+    return jax.lax.fori_loop(0, per_segment, step, jnp.int32(0))
+
+
+def _store_count(n_ref, n):
+    plgpu.store(n_ref.at[pl.ds(pl.program_id(1), 1)], jnp.full((1,), n, jnp.int32))
+
+
+def _count_kernel(x_ref, t_ref, n_ref, *, chunk: int, per_segment: int):
+    _store_count(n_ref, _segment_hits(x_ref, t_ref[0], chunk, per_segment))
+
+
+def _filter_kernel(x_ref, t_ref, off_ref, key_ref, idx_ref, n_ref, *, chunk: int, per_segment: int):
+    """Appends the segment's values >= t, in index order, from slot off[s] on, and counts them (past cap:
+    counted, not stored: the count tells the overflow)."""
+    cap = key_ref.shape[0] // 2
+    off = off_ref[pl.program_id(1)]
+    _store_count(n_ref, _segment_hits(x_ref, t_ref[0], chunk, per_segment,
+                                      lambda key, idx, hit, n: _append(key_ref, idx_ref, key, idx, hit, off + n, cap)))
 
 
 def _select_kernel(key_ref, idx_ref, n_ref, o_ref, *, k: int):
@@ -136,12 +159,12 @@ def _stream_kernel(x_ref, todo_ref, o_ref, key_ref, idx_ref, *, k: int, chunk: i
         o_ref[...] = jnp.where(jnp.arange(kp) < m, idx_ref[pl.ds(0, kp)], -1)
 
 
-def _per_row(kernel, args, out_widths, num_warps: int, interpret: bool):
-    """One program per row of 2-D int32/float32 arrays; every block is a whole row."""
-    row = lambda r: (r, 0)
+def _per_row(kernel, args, out_widths, num_warps: int, interpret: bool, segments: int = 1):
+    """`segments` programs per row of 2-D int32/float32 arrays; every block is a whole row."""
+    row = lambda r, s: (r, 0)
     rows = args[0].shape[0]
     return pl.pallas_call(
-        kernel, grid=(rows,),
+        kernel, grid=(rows, segments),
         in_specs=[pl.BlockSpec((None, a.shape[1]), row) for a in args],
         out_specs=[pl.BlockSpec((None, w), row) for w in out_widths],
         out_shape=[jax.ShapeDtypeStruct((rows, w), jnp.int32) for w in out_widths],
@@ -150,16 +173,21 @@ def _per_row(kernel, args, out_widths, num_warps: int, interpret: bool):
     )(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret", "cap", "chunk", "num_warps", "select_warps"))
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "cap", "chunk", "segments", "num_warps",
+                                             "select_warps"))
 def topk_indices(logits, k: int, *, interpret: bool = False, cap: int = 8192, chunk: int = 2048,
-                 num_warps: int = 4, select_warps: int = 4):
+                 segments: int | None = None, num_warps: int = 4, select_warps: int = 4):
     """Same set as `reference.topk_indices` (ties to the lower index), in ascending index order per row.
-    `cap` (a power of two): candidates per row; `chunk`: elements per streaming step; `num_warps` for the
-    streaming kernels, `select_warps` for the in-register selects."""
+    `cap` (a power of two): candidates per row; `chunk`: elements per streaming step; `segments`: filter
+    programs per row (default: about TARGET_PROGRAMS in all); `num_warps` for the streaming kernels,
+    `select_warps` for the in-register selects."""
     B, Tq, Tk = logits.shape
     rows = logits.reshape(B * Tq, Tk).astype(jnp.float32)
     kp = next_pow2(k)
     chunk = min(chunk, prev_pow2(Tk))
+    nchunks = pl.cdiv(Tk, chunk)
+    segments = prev_pow2(min(segments or max(1, TARGET_PROGRAMS // (B * Tq)), nchunks))
+    per_segment = pl.cdiv(nchunks, segments)
     b = next_pow2(pl.cdiv(Tk, cap))
     if b == 1 or Tk // b < k:  # every value fits, or too few blocks for a seed: keep all finite values
         seed = jnp.full((B * Tq, 1), NEG_INF_KEY + 1, jnp.int32)
@@ -168,8 +196,14 @@ def topk_indices(logits, k: int, *, interpret: bool = False, cap: int = 8192, ch
         maxima = rows[:, :blocks * b].reshape(-1, blocks, b).max(-1)
         maxima = jnp.pad(maxima, ((0, 0), (0, cap - blocks)), constant_values=-jnp.inf)
         (seed,) = _per_row(functools.partial(_seed_kernel, k=k, blocks=blocks), [maxima], [1], select_warps, interpret)
-    cand_key, cand_idx, n = _per_row(functools.partial(_filter_kernel, chunk=chunk), [rows, seed],
-                                     [2 * cap, 2 * cap, 1], num_warps, interpret)
+    counts = jnp.zeros((B * Tq, 1), jnp.int32)
+    if segments > 1:  # a first pass counts each segment's hits, so that each appends after the earlier ones
+        (counts,) = _per_row(functools.partial(_count_kernel, chunk=chunk, per_segment=per_segment), [rows, seed],
+                             [segments], num_warps, interpret, segments)
+    cand_key, cand_idx, counts = _per_row(
+        functools.partial(_filter_kernel, chunk=chunk, per_segment=per_segment),
+        [rows, seed, jnp.cumsum(counts, axis=1) - counts], [2 * cap, 2 * cap, segments], num_warps, interpret, segments)
+    n = jnp.sum(counts, axis=1, keepdims=True)
     (out,) = _per_row(functools.partial(_select_kernel, k=k), [cand_key, cand_idx, n], [next_pow2(kp + cap)],
                       select_warps, interpret)
     out = jnp.where(jnp.arange(k) < jnp.minimum(n, k), out[:, :k], -1)
