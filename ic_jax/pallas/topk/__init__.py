@@ -5,13 +5,15 @@ from __future__ import annotations
 from ic_jax.pallas import dispatch
 from ic_jax.pallas.topk import gpu, reference, tpu
 
-# fewer rows: XLA's sort beats one kernel program per row (H100: 0.13 vs 0.17 ms at 1 x 200K; the kernel wins at 64
-# rows, 0.23 vs 1.7 ms; BENCHMARKS.md, kernels table)
-SMALL_ROWS = 16
+# few and short rows (decode at short context): XLA's sort beats the kernel's fixed cost (H100: 0.047 vs 0.085 ms at
+# 1 x 8K). From 32K on the kernel, whose filter splits few rows into segments, wins at 1 row (0.083 vs 0.146 ms at
+# 32K, 0.113 vs 0.149 at 200K) and at 64 (0.15 vs 1.7 ms at 200K); BENCHMARKS.md, "Top-k"
+SMALL_ROWS, LONG_ROW = 16, 32768
 IMPLEMENTATIONS = {"xla": reference.topk_indices, "pallas_gpu": gpu.topk_indices, "pallas_tpu": tpu.topk_indices}
 
 
 def topk_indices(logits, k: int, *, implementation: str | None = None, interpret: bool = False):
     """See `reference.topk_indices` for the contract; kernels may return each row's set in another order."""
-    return dispatch.call("topk", IMPLEMENTATIONS, (logits, k),
-                         implementation=implementation, interpret=interpret, small=logits.shape[0] * logits.shape[1] < SMALL_ROWS)
+    B, Tq, Tk = logits.shape
+    return dispatch.call("topk", IMPLEMENTATIONS, (logits, k), implementation=implementation, interpret=interpret,
+                         small=B * Tq < SMALL_ROWS and Tk < LONG_ROW)
