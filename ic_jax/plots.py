@@ -53,3 +53,35 @@ def curves(series: dict[str, tuple[list, list]], path: Path, title: str, xlabel:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def roofline(points: list[dict], matmul_tflops: float, copy_tbs: float, gather_tbs: list[float], path: Path,
+             title: str) -> None:
+    """Log-log roofline: points (group, tk, intensity in FLOP/byte, tflops) under min(matmul, bandwidth x
+    intensity) for the copy bandwidth (solid) and each gather rate (dashed); marker size grows with Tk."""
+    fig, ax = plt.subplots(figsize=(10.5, 5.5))
+    x = np.logspace(0.5, 4, 300)
+    ax.plot(x, np.minimum(matmul_tflops, copy_tbs * x), color="black", linewidth=1.3,
+            label=f"copy {copy_tbs:.2f} TB/s, bf16 matmul {matmul_tflops:.0f} TFLOP/s")
+    for g in dict.fromkeys(gather_tbs):
+        ax.plot(x, np.minimum(matmul_tflops, g * x), color="gray", linestyle="--", linewidth=1,
+                label=f"gathering sparse MLA rows: {g:.2f} TB/s")
+    tks = sorted({p["tk"] for p in points})
+    groups: dict[str, list[dict]] = {}
+    for p in points:
+        groups.setdefault(p["group"], []).append(p)
+    for (name, pts), marker in zip(groups.items(), "osD^v<>ph*"):
+        ax.scatter([p["intensity"] for p in pts], [p["tflops"] for p in pts], marker=marker, alpha=0.8,
+                   s=[18 + 60 * tks.index(p["tk"]) / max(1, len(tks) - 1) for p in pts], label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(x[0], x[-1])
+    ax.set_ylim(0.3, 2 * matmul_tflops)
+    ax.set_xlabel("FLOP per byte moved")
+    ax.set_ylabel("TFLOP/s achieved")
+    ax.set_title(f"{title}\nmarker size: Tk from {tks[0]:,} to {tks[-1]:,}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

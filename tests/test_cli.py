@@ -1,5 +1,5 @@
 """The generate command as a user runs it: good path, and one-line exit-2 errors for bad input (the bench sweep's
-too)."""
+and roofline's too)."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from ic_jax.bench import sweep
+from ic_jax.bench import roofline, sweep
 from ic_jax.checkpoint import save_checkpoint
 from ic_jax.config import load_config
 from ic_jax.model import DSAModel
@@ -73,5 +73,46 @@ def test_missing_checkpoint_and_mismatched_config(ckpt, tmp_path):
 ])
 def test_bench_sweep_bad_input_is_one_line_exit_2(args, message, capsys):
     assert sweep.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def kernels_json(path: Path) -> Path:
+    """A `bench kernels --json` file in miniature: an indexer row (1 TFLOP in 2 ms, 4 GB moved), a decode row,
+    a top-k row (no FLOP rate) and a sparse MLA row with its gather rate."""
+    rows = [{"op": "indexer", "mode": "prefill", "tk": 8192, "shape": "1 x 2048", "ms": 2.0, "tflops": 500.0,
+             "gbs": 2000.0},
+            {"op": "mla", "mode": "decode", "tk": 8192, "shape": "64 x 1", "ms": 0.1, "tflops": 60.0, "gbs": 1600.0},
+            {"op": "topk", "mode": "prefill", "tk": 8192, "shape": "1 x 2048", "ms": 0.3, "gbs": 300.0},
+            {"op": "mla", "mode": "prefill", "tk": 32768, "shape": "1 x 2048", "ms": 1.1, "tflops": 166.0,
+             "gbs": 4400.0, "gather_tbs": 7.5}]
+    path.write_text(json.dumps({"device": "test", "jax": "0", "date": "2026-11-25", "rows": rows,
+                                "ceilings": {"matmul_flops": 7e14, "copy_bytes_s": 2.9e12}}))
+    return path
+
+
+def test_bench_roofline_points_and_plot(tmp_path, capsys):
+    path = kernels_json(tmp_path / "k.json")
+    pts = roofline.points(json.loads(path.read_text()))
+    # FLOP per byte = (TFLOP/s * 1e12) / (GB/s * 1e9); top-k has no FLOP rate
+    assert [(p["group"], p["intensity"]) for p in pts] == [("indexer prefill", 250.0), ("mla decode B=64", 37.5),
+                                                          ("mla prefill", 166e3 / 4400)]
+    assert roofline.main([str(path)]) == 0
+    png = tmp_path / "k.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "3 points" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{not json", "not JSON"),
+    ('{"rows": []}', "no rows and ceilings"),
+    ('{"rows": [{"op": "topk", "mode": "prefill", "tk": 1, "shape": "1 x 1", "gbs": 1.0}], "ceilings": {}}',
+     "no row has a FLOP rate"),
+])
+def test_bench_roofline_bad_input_is_one_line_exit_2(tmp_path, content, message, capsys):
+    path = tmp_path / "k.json"
+    if content is not None:
+        path.write_text(content)
+    assert roofline.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
