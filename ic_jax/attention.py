@@ -114,16 +114,17 @@ class Indexer(nnx.Module):
 
 def select_topk(q: Float[Array, "B T H D"], keys: Float[Array, "B S D"], w: Float[Array, "B T H"],
                 q_pos: Int[Array, "B T"], kv_len: Int[Array, "B"], topk: int,
-                opts: RunOptions, fp8: bool = False) -> Int[Array, "B T K"]:
-    """Top-k key indices per query (-1 padded), scoring `opts.index_block` queries at a time, with FP8 logits
-    if `fp8`. The indices carry no gradient, so none is traced through the logits (the FP8 ones have none)."""
+                opts: RunOptions, k_scale: Float[Array, "B S"] | None = None) -> Int[Array, "B T K"]:
+    """Top-k key indices per query (-1 padded), scoring `opts.index_block` queries at a time. With `k_scale`
+    the keys are e4m3 (an FP8 key cache) and the logits FP8. The indices carry no gradient, so none is traced
+    through the logits (the FP8 ones have none)."""
     B, T = q_pos.shape
     q, keys, w = jax.lax.stop_gradient((q, keys, w))
 
     def block(args):
         qb, wb, pb = args
-        logits = ops.indexer_logits(qb, keys, wb, pb, kv_len, fp8=fp8, implementation=opts.implementation,
-                                    interpret=opts.interpret)
+        logits = ops.indexer_logits(qb, keys, wb, pb, kv_len, fp8=k_scale is not None, k_scale=k_scale,
+                                    implementation=opts.implementation, interpret=opts.interpret)
         return ops.topk_indices(logits, topk, implementation=opts.implementation, interpret=opts.interpret)
 
     bq = opts.index_block

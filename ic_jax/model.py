@@ -20,9 +20,11 @@ from ic_jax import pallas as ops
 from ic_jax.attention import MLA, Indexer, RunOptions, dense_attention, select_topk, sparse_attention
 from ic_jax.config import ModelConfig
 from ic_jax.layers import DenseFFN, MoE, RMSNorm, dtype_of, param
+from ic_jax.pallas.indexer_logits.reference import quantize_fp8
 from ic_jax.pattern import LayerKind, Stage, build_stages
 
-Cache = list  # per stage, per group position: {"kv", "k_rope"[, "index_k"]}, each [repeats, B, T_max, dim]
+Cache = list  # per stage, per group position: {"kv", "k_rope"[, "index_k"[, "index_k8", "index_k_scale"]]},
+#   each [repeats, B, T_max, dim]; the last two (F layers with indexer_fp8) hold the keys in e4m3 with a scale each
 
 
 def moe_layers(cfg: ModelConfig) -> list[bool]:
@@ -64,11 +66,18 @@ class Block(nnx.Module):
         if self.indexer is not None:
             with jax.named_scope("indexer"):
                 h_i, cq_i = jax.lax.stop_gradient((h, cq))  # the indexer learns only from its own loss
-                keys = write_cache(cache["index_k"], layer, self.indexer.keys(h_i, positions), positions)
+                new_keys = self.indexer.keys(h_i, positions)
+                keys = write_cache(cache["index_k"], layer, new_keys, positions)
                 cache["index_k"] = keys
                 q_idx, w_idx = self.indexer.queries(h_i, cq_i, positions)
-                own = select_topk(q_idx, keys[layer], w_idx, positions, kv_len, cfg.index_topk, opts,
-                                  fp8=cfg.indexer_fp8)
+                if cfg.indexer_fp8:  # keys are quantized once, as they enter the cache
+                    k8, k_scale = quantize_fp8(jax.lax.stop_gradient(new_keys))
+                    cache["index_k8"] = write_cache(cache["index_k8"], layer, k8, positions)
+                    cache["index_k_scale"] = write_cache(cache["index_k_scale"], layer, k_scale[..., None], positions)
+                    own = select_topk(q_idx, cache["index_k8"][layer], w_idx, positions, kv_len, cfg.index_topk, opts,
+                                      k_scale=cache["index_k_scale"][layer][..., 0])
+                else:
+                    own = select_topk(q_idx, keys[layer], w_idx, positions, kv_len, cfg.index_topk, opts)
                 indices = own if use_own is None else jnp.where(use_own, own, indices)
                 if opts.collect:  # the KL loss differentiates these: bf16 even with cfg.indexer_fp8
                     aux["logits"] = ops.indexer_logits(q_idx, keys[layer], w_idx, positions, kv_len,
@@ -168,6 +177,9 @@ def init_cache(cfg: ModelConfig, stages: tuple[Stage, ...], batch: int, max_len:
              "k_rope": jnp.zeros((reps, batch, max_len, cfg.qk_rope_head_dim), dt)}
         if kind.full:
             c["index_k"] = jnp.zeros((reps, batch, max_len, cfg.index_head_dim), dt)
+        if kind.full and cfg.indexer_fp8:  # the FP8 copy that top-k selection reads (the KL loss reads index_k)
+            c["index_k8"] = jnp.zeros((reps, batch, max_len, cfg.index_head_dim), jnp.float8_e4m3fn)
+            c["index_k_scale"] = jnp.ones((reps, batch, max_len, 1), jnp.float32)
         return c
 
     return [[layer_cache(k, s.repeats) for k in s.kinds] for s in stages]

@@ -13,6 +13,7 @@ from ic_jax.attention import RunOptions
 from ic_jax.config import load_config
 from ic_jax.engine import Engine, decode_step
 from ic_jax.model import DSAModel, repattern
+from ic_jax.pallas.indexer_logits.reference import quantize_fp8
 from ic_jax.sampling import Sampling
 
 CFG = load_config("tiny").replace(dtype="float32", index_topk=4)
@@ -48,6 +49,37 @@ def test_decode_steps_equal_full_forward(pattern, impl):
         if i + 1 < steps:
             for b, n in enumerate(prompt_lens):
                 np.testing.assert_allclose(np.asarray(logits[b]), refs[b][n + i], **TOL)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_fp8_key_cache_decode_equals_full_forward(impl):
+    """With indexer_fp8 the F layers' keys enter the cache once as e4m3 with a scale per token, and top-k reads
+    only that copy: chunked prefill and decode still equal the full forward pass (which fills the same cache)."""
+    cfg = CFG.replace(indexer_fp8=True, index_head_dim=32)  # Hopper fp8 dots contract multiples of 32
+    model = DSAModel(cfg, "FSSSFSSS", nnx.Rngs(4))
+    rng = np.random.default_rng(2)
+    prompt_lens, steps = [4, 9], 4
+    seqs = [list(rng.integers(0, 256, n + steps)) for n in prompt_lens]
+    engine = Engine(model, IMPLS[impl])
+    logits, cache, lengths = engine.prefill([s[:n] for s, n in zip(seqs, prompt_lens)], max(prompt_lens) + steps,
+                                            chunk_size=3)
+    f_caches = [c for stage in cache for c in stage if "index_k" in c]
+    assert sum(c["index_k8"].shape[0] for c in f_caches) == 2  # both F layers have an FP8 copy, S layers none
+    for f_layer in f_caches:  # the FP8 copy is the quantized bf16 cache, entry for entry
+        k8, k_scale = quantize_fp8(f_layer["index_k"])
+        assert f_layer["index_k8"].dtype == jnp.float8_e4m3fn
+        np.testing.assert_array_equal(np.asarray(f_layer["index_k8"], np.float32), np.asarray(k8, np.float32))
+        np.testing.assert_array_equal(np.asarray(f_layer["index_k_scale"][..., 0]), np.asarray(k_scale))
+    # top-k reads the FP8 copy alone: zeroing the bf16 keys changes nothing below
+    cache = [[dict(c, index_k=jnp.zeros_like(c["index_k"])) if "index_k" in c else c for c in stage]
+             for stage in cache]
+    refs = [full_logits(model, s) for s in seqs]
+    for i in range(steps):
+        for b, n in enumerate(prompt_lens):
+            np.testing.assert_allclose(np.asarray(logits[b]), refs[b][n - 1 + i], **TOL)
+        token = jnp.asarray([s[n + i] for s, n in zip(seqs, prompt_lens)], jnp.int32)
+        _, logits, cache = decode_step(engine.graphdef, engine.params, token, jnp.asarray(lengths + i), cache,
+                                       jax.random.key(0), engine.opts, Sampling())
 
 
 @pytest.mark.parametrize("impl", IMPLS)

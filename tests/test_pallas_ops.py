@@ -166,6 +166,22 @@ def test_indexer_logits_fp8(impl, tq):
     np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-5, atol=1e-5 * np.abs(ref[fin]).max())
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_fp8_logits_from_prequantized_keys(impl):
+    """Keys quantized once (an FP8 key cache: e4m3 and a scale per key) give exactly the logits of keys
+    quantized inside the call."""
+    rng = np.random.default_rng(6)
+    q, k = bf16(rng, (2, 5, 4, 32)), bf16(rng, (2, 37, 32))
+    w = jnp.asarray(rng.standard_normal((2, 5, 4)), jnp.float32)
+    q_pos, kv_len = jnp.asarray(rng.integers(0, 37, (2, 5)), jnp.int32), jnp.asarray([37, 20], jnp.int32)
+    k8, k_scale = quantize_fp8(k)
+    kw = dict(fp8=True, implementation=impl, interpret=True)
+    np.testing.assert_array_equal(np.asarray(il_op.indexer_logits(q, k8, w, q_pos, kv_len, k_scale=k_scale, **kw)),
+                                  np.asarray(il_op.indexer_logits(q, k, w, q_pos, kv_len, **kw)))
+    with pytest.raises(ValueError, match="fp8=True"):
+        il_op.indexer_logits(q, k8, w, q_pos, kv_len, k_scale=k_scale)
+
+
 def test_gpu_fp8_dots_take_hopper_mma():
     """The Triton IR of the GPU indexer, exported for CUDA here on the CPU: its fp8 dots carry
     maxNumImpreciseAcc = D (without it Triton runs them upcast on the Ampere MMA), its bf16 dots do not."""

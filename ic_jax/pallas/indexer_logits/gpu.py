@@ -166,9 +166,9 @@ def indexer_logits(q, k, w, q_pos, kv_len, k_scale=None, *, interpret: bool = Fa
                           compiler_params=params, interpret=interpret)(q, k, w, q_pos, kv_len, *scales)
 
 
-def indexer_logits_fp8(q, k, w, q_pos, kv_len, **kwargs):
+def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None, **kwargs):
     """Same contract as `reference.indexer_logits_fp8`; `kwargs` as for `indexer_logits`."""
     if q.shape[-1] % 32:
         raise UserError(f"FP8 indexer logits need a head dim divisible by 32 (Hopper fp8 dots), got {q.shape[-1]}")
-    q8, k8, wq, k_scale = fp8_inputs(q, k, w)
+    q8, k8, wq, k_scale = fp8_inputs(q, k, w, k_scale)
     return indexer_logits(q8, k8, wq, q_pos, kv_len, k_scale, **kwargs)

@@ -35,11 +35,12 @@ def indexer_logits(
     return jnp.where(visible_mask(q_pos, kv_len, k.shape[1]), acc, -jnp.inf)
 
 
-def indexer_logits_fp8(q, k, w, q_pos, kv_len) -> Float[Array, "B Tq Tk"]:
+def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None) -> Float[Array, "B Tq Tk"]:
     """The FP8 variant of `indexer_logits`: q and k quantized by `fp8_inputs`, the formula evaluated on the
     dequantized e4m3 values in fp32 (their products are exact, so a kernel differs in summation order, and on
-    Hopper's fp8 MMA in the precision of each dot's accumulator)."""
-    q8, k8, wq, k_scale = fp8_inputs(q, k, w)
+    Hopper's fp8 MMA in the precision of each dot's accumulator). With `k_scale` [B, Tk], k is already
+    quantized (e4m3, as an FP8 key cache holds it)."""
+    q8, k8, wq, k_scale = fp8_inputs(q, k, w, k_scale)
     # the barrier keeps XLA (GPU, excess precision allowed) from folding the f32 -> e4m3 -> f32 round trip away
     q8, k8 = jax.lax.optimization_barrier((q8, k8))
     return indexer_logits(q8.astype(jnp.float32), k8.astype(jnp.float32), wq, q_pos, kv_len) * k_scale[:, None, :]
@@ -62,10 +63,12 @@ def _no_gradient(primals, tangents):
     raise TypeError("FP8 indexer logits have no gradient; differentiate the bf16 logits (fp8=False) instead")
 
 
-def fp8_inputs(q: Float[Array, "B Tq H D"], k: Float[Array, "B Tk D"], w: Float[Array, "B Tq H"]):
-    """(q8, k8, w * q_scale, k_scale). The scales are positive, so relu(sq sk x) = sq sk relu(x): the logits are
-    k_scale[s] * sum_h (w * q_scale)[h] relu(q8[h] . k8[s]), the k scale applied once after the head sum."""
-    (q8, q_scale), (k8, k_scale) = quantize_fp8(q), quantize_fp8(k)
+def fp8_inputs(q: Float[Array, "B Tq H D"], k: Float[Array, "B Tk D"], w: Float[Array, "B Tq H"], k_scale=None):
+    """(q8, k8, w * q_scale, k_scale); k is taken as quantized when `k_scale` is given. The scales are positive,
+    so relu(sq sk x) = sq sk relu(x): the logits are k_scale[s] * sum_h (w * q_scale)[h] relu(q8[h] . k8[s]),
+    the k scale applied once after the head sum."""
+    q8, q_scale = quantize_fp8(q)
+    k8, k_scale = quantize_fp8(k) if k_scale is None else (k, k_scale.astype(jnp.float32))
     return q8, k8, w.astype(jnp.float32) * q_scale, k_scale
 
 
