@@ -8,9 +8,9 @@ and the XLA reference time beside it ("OOM" where XLA runs out of memory). A cor
 kernel against the XLA reference runs first (skip with --no-check).
 
 With --indexer-fp8, an "indexer_fp8" row follows each indexer row: the same logits with q and k quantized to
-e4m3 (a scale per vector), against the XLA FP8 reference. Its time includes quantizing the bf16 q and k on
-every call (the key cache is bf16), and "% mm" is still the share of the bf16 ceiling (the fp8 peak of
-H100/H200 is twice that, so up to 200%).
+e4m3 (a scale per vector), against the XLA FP8 reference. As in the model (its FP8 key cache), k comes quantized
+and q is quantized in the timed call; "% mm" is still the share of the bf16 ceiling (the fp8 peak of H100/H200 is
+twice that, so up to 200%).
 
 Sparse MLA prefill gathers 2048 rows of 576 values per query and does 38 FLOP per gathered byte at 20 heads, far
 below the matmul ridge, so its bound is the rate at which a kernel can gather rows. That rate is measured at
@@ -35,6 +35,7 @@ from ic_jax.bench.timing import measure_ceilings, median_time, print_table, writ
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.pallas import indexer_logits, sparse_mla, topk_indices
 from ic_jax.pallas.dispatch import pallas_name
+from ic_jax.pallas.indexer_logits.reference import quantize_fp8
 
 H_I, D_I, TOPK = 32, 128, 2048
 HEADS, LATENT, ROPE = 20, 512, 64
@@ -107,9 +108,18 @@ def gather_rows(kv, k_rope, indices, block_k: int = 32, interpret: bool = False)
     )(kv, k_rope, indices)
 
 
+def fp8_cache_args(q, k, w, q_pos, kv_len):
+    """The FP8 indexer's inputs as the model holds them: k quantized once, as its FP8 key cache stores it."""
+    k8, k_scale = quantize_fp8(k)
+    return q, k8, w, q_pos, kv_len, k_scale
+
+
 def fns(op: str, impl: str, k: int = TOPK):
-    if op in ("indexer", "indexer_fp8"):
-        return jax.jit(functools.partial(indexer_logits, fp8=op == "indexer_fp8", implementation=impl))
+    if op == "indexer":
+        return jax.jit(functools.partial(indexer_logits, implementation=impl))
+    if op == "indexer_fp8":  # on the arguments of `fp8_cache_args`
+        return jax.jit(lambda q, k8, w, q_pos, kv_len, k_scale: indexer_logits(
+            q, k8, w, q_pos, kv_len, fp8=True, k_scale=k_scale, implementation=impl))
     if op == "topk":
         return jax.jit(functools.partial(topk_indices, k=k, implementation=impl))
     return jax.jit(functools.partial(sparse_mla, scale=SCALE, implementation=impl))
@@ -141,8 +151,9 @@ def check(impl: str, fp8: bool = False) -> list[str]:
 
     def indexer_case(tq, op):
         q, k, w, pos, _ = indexer_inputs(2, tq, 1000, seed=tq)
-        kv_len = jnp.array([1000, 700], jnp.int32)
-        got, ref = (fns(op, i)(q, k, w, pos, kv_len) for i in (impl, "xla"))
+        args = (q, k, w, pos, jnp.array([1000, 700], jnp.int32))
+        args = fp8_cache_args(*args) if op == "indexer_fp8" else args
+        got, ref = (fns(op, i)(*args) for i in (impl, "xla"))
         e = rel_err(got, ref)
         for kk in (64, TOPK) if op == "indexer" else ():
             expect(f"topk Tq={tq} k={kk}", lambda: None if same_sets(*(fns("topk", i, kk)(ref) for i in (impl, "xla")))
@@ -224,8 +235,11 @@ def run_size(tk, a, ceil, impl) -> list[dict]:
             vis = float(jnp.sum(jnp.minimum(pos + 1, tk)))
             for op in ("indexer", "indexer_fp8"):
                 if op in a.ops:
-                    rows.append(measure(op, mode, tk, b, tq, (q, k, w, pos, kv_len), vis * 2 * H_I * D_I,
-                                        k.nbytes + q.nbytes + b * tq * tk * 4, ceil, impl, not a.no_xla))
+                    args = (q, k, w, pos, kv_len) if op == "indexer" else fp8_cache_args(q, k, w, pos, kv_len)
+                    keys = k.nbytes if op == "indexer" else args[1].nbytes + args[5].nbytes  # FP8: e4m3 + scales
+                    rows.append(measure(op, mode, tk, b, tq, args, vis * 2 * H_I * D_I,
+                                        keys + q.nbytes + b * tq * tk * 4, ceil, impl, not a.no_xla))
+                    del args
             if "topk" in a.ops:
                 logits = fns("indexer", impl)(q, k, w, pos, kv_len)
                 rows.append(measure("topk", mode, tk, b, tq, (logits,), None, logits.nbytes + b * tq * TOPK * 4,
