@@ -112,10 +112,12 @@ class Indexer(nnx.Module):
         return q, w
 
 
-def select_topk(q: Float[Array, "B T H D"], keys: Float[Array, "B S D"], w: Float[Array, "B T H"],
-                q_pos: Int[Array, "B T"], kv_len: Int[Array, "B"], topk: int,
-                opts: RunOptions, k_scale: Float[Array, "B S"] | None = None) -> Int[Array, "B T K"]:
-    """Top-k key indices per query (-1 padded), scoring `opts.index_block` queries at a time. With `k_scale`
+def select_topk(q: Float[Array, "B T H D"], keys: Float[Array, "L B S D"], w: Float[Array, "B T H"],
+                q_pos: Int[Array, "B T"], kv_len: Int[Array, "B"], topk: int, opts: RunOptions, layer,
+                k_scale: Float[Array, "L B S"] | None = None) -> Int[Array, "B T K"]:
+    """Top-k key indices per query (-1 padded) over layer `layer` of the stacked key cache, scoring
+    `opts.index_block` queries at a time. The stack goes to the indexer op whole: its GPU kernel reads the layer
+    in place, where slicing `keys[layer]` here would copy the layer's whole cache at every step. With `k_scale`
     the keys are e4m3 (an FP8 key cache) and the logits FP8. The indices carry no gradient, so none is traced
     through the logits (the FP8 ones have none)."""
     B, T = q_pos.shape
@@ -123,7 +125,7 @@ def select_topk(q: Float[Array, "B T H D"], keys: Float[Array, "B S D"], w: Floa
 
     def block(args):
         qb, wb, pb = args
-        logits = ops.indexer_logits(qb, keys, wb, pb, kv_len, fp8=k_scale is not None, k_scale=k_scale,
+        logits = ops.indexer_logits(qb, keys, wb, pb, kv_len, fp8=k_scale is not None, k_scale=k_scale, layer=layer,
                                     implementation=opts.implementation, interpret=opts.interpret)
         return ops.topk_indices(logits, topk, implementation=opts.implementation, interpret=opts.interpret)
 

@@ -74,10 +74,10 @@ class Block(nnx.Module):
                     k8, k_scale = quantize_fp8(jax.lax.stop_gradient(new_keys))
                     cache["index_k8"] = write_cache(cache["index_k8"], layer, k8, positions)
                     cache["index_k_scale"] = write_cache(cache["index_k_scale"], layer, k_scale[..., None], positions)
-                    own = select_topk(q_idx, cache["index_k8"][layer], w_idx, positions, kv_len, cfg.index_topk, opts,
-                                      k_scale=cache["index_k_scale"][layer][..., 0])
+                    own = select_topk(q_idx, cache["index_k8"], w_idx, positions, kv_len, cfg.index_topk, opts, layer,
+                                      k_scale=cache["index_k_scale"][..., 0])
                 else:
-                    own = select_topk(q_idx, keys[layer], w_idx, positions, kv_len, cfg.index_topk, opts)
+                    own = select_topk(q_idx, keys, w_idx, positions, kv_len, cfg.index_topk, opts, layer)
                 indices = own if use_own is None else jnp.where(use_own, own, indices)
                 if opts.collect:  # the KL loss differentiates these: bf16 even with cfg.indexer_fp8
                     aux["logits"] = ops.indexer_logits(q_idx, keys[layer], w_idx, positions, kv_len,

@@ -5,7 +5,9 @@ is checked on its quantized values, and its quantizer and its distance to the bf
 
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +32,10 @@ SMALL_BLOCKS = {
 IMPLS = sorted(set(il_op.IMPLEMENTATIONS) | set(topk_op.IMPLEMENTATIONS) | set(mla_op.IMPLEMENTATIONS))
 
 
-def call(op: str, table: dict, impl: str, *args):
+def call(op: str, table: dict, impl: str, *args, **kwargs):
     if impl == "xla":
-        return table[impl](*args)
-    return table[impl](*args, interpret=True, **SMALL_BLOCKS[impl][op])
+        return table[impl](*args, **kwargs)
+    return table[impl](*args, interpret=True, **SMALL_BLOCKS[impl][op], **kwargs)
 
 
 def bf16(rng, shape):
@@ -55,6 +57,24 @@ def indexer_ref(q, k, w, q_pos, kv_len):
     cols = np.arange(k.shape[1])
     vis = (cols[None, None] <= np.asarray(q_pos)[..., None]) & (cols[None, None] < np.asarray(kv_len)[:, None, None])
     return np.where(vis, out, -np.inf)
+
+
+def assert_logits_match(got, ref, tol):
+    got = np.asarray(got)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=tol, atol=tol * np.abs(ref[fin]).max())
+
+
+def indexer_inputs(rng, B, tq, H, D, tk, k_shape=None):
+    """q, k, w, q_pos, kv_len, with a query that sees nothing and a ragged second kv_len; k of `k_shape`."""
+    q, k = bf16(rng, (B, tq, H, D)), bf16(rng, k_shape or (B, tk, D))
+    w = jnp.asarray(rng.standard_normal((B, tq, H)), jnp.float32)
+    q_pos = rng.integers(0, tk, (B, tq)).astype(np.int32)
+    q_pos[0, 0] = -1
+    kv_len = np.array([tk, 40], np.int32)
+    return q, k, w, q_pos, kv_len
 
 
 def topk_ref_sets(x, k):
@@ -91,19 +111,21 @@ class TestOps:
     @pytest.mark.parametrize("tq", [5, 20])  # 5: the per-query (decode) path on GPU; 20: query blocks
     def test_indexer_logits(self, impl, tq):
         rng = np.random.default_rng(tq)
-        B, H, D, Tk = 2, 4, 16, 77
-        q, k, w = bf16(rng, (B, tq, H, D)), bf16(rng, (B, Tk, D)), jnp.asarray(rng.standard_normal((B, tq, H)),
-                                                                               jnp.float32)
-        q_pos = rng.integers(0, Tk, (B, tq)).astype(np.int32)
-        q_pos[0, 0] = -1  # a query that sees nothing
-        kv_len = np.array([Tk, 40], np.int32)
-        got = np.asarray(call("indexer_logits", il_op.IMPLEMENTATIONS, impl, q, k, w, jnp.asarray(q_pos),
-                              jnp.asarray(kv_len)))
-        ref = indexer_ref(q, k, w, q_pos, kv_len)
-        assert got.shape == ref.shape and got.dtype == np.float32
-        np.testing.assert_array_equal(np.isneginf(got), np.isneginf(ref))
-        fin = np.isfinite(ref)
-        np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-4 * np.abs(ref[fin]).max())
+        q, k, w, q_pos, kv_len = indexer_inputs(rng, 2, tq, 4, 16, 77)
+        got = call("indexer_logits", il_op.IMPLEMENTATIONS, impl, q, k, w, jnp.asarray(q_pos), jnp.asarray(kv_len))
+        assert_logits_match(got, indexer_ref(q, k, w, q_pos, kv_len), 1e-4)
+
+    @pytest.mark.parametrize("tq,tk", [(1, 300), (20, 1000)])  # decode and query blocks; Tk ragged in key blocks
+    def test_indexer_logits_stacked_keys(self, impl, tq, tk):
+        """k a stacked cache [L, B, Tk, D] and a traced layer (a random one, then the last): k[layer]'s logits."""
+        rng = np.random.default_rng(tk + tq)
+        L = 3
+        q, k, w, q_pos, kv_len = indexer_inputs(rng, 2, tq, 4, 16, tk, k_shape=(L, 2, tk, 16))
+        q_pos[1, -1] = tk - 1  # sees up to the last key
+        fn = jax.jit(lambda *a: call("indexer_logits", il_op.IMPLEMENTATIONS, impl, *a[:5], layer=a[5]))
+        for layer in (int(rng.integers(0, L - 1)), L - 1):
+            got = fn(q, k, w, jnp.asarray(q_pos), jnp.asarray(kv_len), jnp.int32(layer))
+            assert_logits_match(got, indexer_ref(q, k[layer], w, q_pos, kv_len), 1e-4)
 
     @pytest.mark.parametrize("k", [5, 16, 100])  # 100 > Tk: every finite value is selected
     def test_topk(self, impl, k):
@@ -150,20 +172,12 @@ def test_indexer_logits_fp8(impl, tq):
     summation order differs and the tolerance is tighter than the bf16 test's."""
     rng = np.random.default_rng(100 + tq)
     B, H, D, Tk = 2, 4, 32, 77  # D: Hopper fp8 dots contract multiples of 32
-    q = bf16(rng, (B, tq, H, D)) * jnp.asarray(10.0 ** rng.uniform(-2, 2, (B, tq, H, 1)), jnp.bfloat16)
-    k = bf16(rng, (B, Tk, D)) * jnp.asarray(10.0 ** rng.uniform(-2, 2, (B, Tk, 1)), jnp.bfloat16)
+    q, k, w, q_pos, kv_len = indexer_inputs(rng, B, tq, H, D, Tk)
+    q = q * jnp.asarray(10.0 ** rng.uniform(-2, 2, (B, tq, H, 1)), jnp.bfloat16)
+    k = k * jnp.asarray(10.0 ** rng.uniform(-2, 2, (B, Tk, 1)), jnp.bfloat16)
     k = k.at[0, 3].set(0)  # a zero key: scale 1, logits 0
-    w = jnp.asarray(rng.standard_normal((B, tq, H)), jnp.float32)
-    q_pos = rng.integers(0, Tk, (B, tq)).astype(np.int32)
-    q_pos[0, 0] = -1  # a query that sees nothing
-    kv_len = np.array([Tk, 40], np.int32)
-    got = np.asarray(call("indexer_logits", il_op.FP8_IMPLEMENTATIONS, impl, q, k, w, jnp.asarray(q_pos),
-                          jnp.asarray(kv_len)))
-    ref = indexer_ref(dequantized(q), dequantized(k), w, q_pos, kv_len)
-    assert got.shape == ref.shape and got.dtype == np.float32
-    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(ref))
-    fin = np.isfinite(ref)
-    np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-5, atol=1e-5 * np.abs(ref[fin]).max())
+    got = call("indexer_logits", il_op.FP8_IMPLEMENTATIONS, impl, q, k, w, jnp.asarray(q_pos), jnp.asarray(kv_len))
+    assert_logits_match(got, indexer_ref(dequantized(q), dequantized(k), w, q_pos, kv_len), 1e-5)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
@@ -180,6 +194,56 @@ def test_fp8_logits_from_prequantized_keys(impl):
                                   np.asarray(il_op.indexer_logits(q, k, w, q_pos, kv_len, **kw)))
     with pytest.raises(ValueError, match="fp8=True"):
         il_op.indexer_logits(q, k8, w, q_pos, kv_len, k_scale=k_scale)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+@pytest.mark.parametrize("tq,tk", [(1, 300), (20, 1000)])
+def test_fp8_logits_stacked_keys(impl, tq, tk):
+    """FP8 on a stacked cache: pre-quantized keys [L, B, Tk, D] with their scales [L, B, Tk] (read in place on GPU),
+    and unquantized stacked keys, give exactly the logits of the call on the layer's keys."""
+    rng = np.random.default_rng(7 + tq)
+    L = 4
+    q, k, w, q_pos, kv_len = (jnp.asarray(a) for a in indexer_inputs(rng, 2, tq, 4, 32, tk, k_shape=(L, 2, tk, 32)))
+    k8, k_scale = quantize_fp8(k)
+    fn = jax.jit(functools.partial(il_op.indexer_logits, fp8=True, implementation=impl, interpret=True))
+    for layer in (int(rng.integers(0, L - 1)), L - 1):
+        stacked = fn(q, k8, w, q_pos, kv_len, k_scale=k_scale, layer=jnp.int32(layer))
+        np.testing.assert_array_equal(np.asarray(stacked), np.asarray(fn(q, k8[layer], w, q_pos, kv_len,
+                                                                         k_scale=k_scale[layer])))
+        np.testing.assert_array_equal(np.asarray(fn(q, k, w, q_pos, kv_len, layer=jnp.int32(layer))),
+                                      np.asarray(fn(q, k[layer], w, q_pos, kv_len)))
+
+
+def ops_on(text: str, *shapes) -> set[str]:
+    """The StableHLO ops (and calls) in `text` with an operand or result of any of these tensor types."""
+    lines = [line for line in text.splitlines() if any(f"tensor<{shape}>" in line for shape in shapes)]
+    return {re.match(r"\s*(?:%\S+ = )?([\w.]+)", line).group(1) for line in lines}
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("tq", [1, 64])  # the per-query (decode) and the block kernel
+def test_gpu_reads_stacked_keys_in_place(fp8, tq):
+    """The GPU kernel on a stacked cache, lowered for CUDA here on the CPU: k (and its scales) reach the Triton
+    call only reshaped, with no pad, slice or copy; a stack of e4m3 keys past int32 offsets is sliced instead."""
+    gpu = importlib.import_module("ic_jax.pallas.indexer_logits.gpu")
+    fn = gpu.indexer_logits_fp8 if fp8 else gpu.indexer_logits
+    k_dtype, k_type = (jnp.float8_e4m3fn, "f8E4M3FN") if fp8 else (jnp.bfloat16, "bf16")
+
+    def lowered(L, B, Tk, D=128):
+        args = [jax.ShapeDtypeStruct(s, t) for s, t in [((B, tq, 4, D), jnp.bfloat16), ((L, B, Tk, D), k_dtype),
+                                                        ((B, tq, 4), jnp.float32), ((B, tq), jnp.int32),
+                                                        ((B,), jnp.int32), ((L, B, Tk), jnp.float32), ((), jnp.int32)]]
+        call_fn = lambda q, k, w, p, n, s, layer: fn(q, k, w, p, n, *([s] if fp8 else []), layer=layer)
+        return jax.jit(call_fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lowered(3, 2, 1000)
+    stacked = [f"3x2x1000x128x{k_type}", "3x2x1000xf32"]
+    flat = [f"6000x128x{k_type}", "6000xf32"][:1 + fp8]
+    assert ops_on(text, *stacked, *flat) <= {"func.func", "call", "stablehlo.reshape", "stablehlo.custom_call"}
+    kernel = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert len(kernel) == 1 and all(f"tensor<{shape}>" in kernel[0] for shape in flat)
+    if fp8:  # 2.5e9 e4m3 keys: 2.4 GiB
+        assert "stablehlo.dynamic_slice" in ops_on(lowered(5, 1, 4_000_000), f"5x1x4000000x128x{k_type}")
 
 
 def test_gpu_fp8_dots_take_hopper_mma():

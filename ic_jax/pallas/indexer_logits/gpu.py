@@ -5,6 +5,10 @@ per head (ReLU, scale by w, accumulate in fp32), so [Tq, H, Tk] never exists. Ke
 causal / kv_len limit of their query block write -inf without loading anything. Fewer than 16 queries
 (decode) use a per-query kernel that puts the heads in the dot's rows instead: [H, D] x [D, bk].
 
+The keys are read in place: k is the flat [L*B*Tk, D] view of a stacked cache [L, B, Tk, D] (a plain [B, Tk, D] is
+L = 1), passed whole with the layer as a small int32 input, and each key block is a masked load of rows
+(layer*B + b)*Tk + j*bk.. (rows past Tk read as 0), so neither k nor its scales are sliced or padded.
+
 FP8 (`indexer_logits_fp8`): the same kernels on e4m3 q and k (the contraction D must be a multiple of 32), the
 q scales folded into w and the k scales applied after the head sum. The block kernel's dots run on Hopper's fp8
 warpgroup MMA (see `_fp8_dots_on_hopper_mma`); the per-query kernel's dots have too few rows (H = 32 < 64) for it
@@ -24,7 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ic_jax.errors import UserError
 from ic_jax.pallas.common import next_pow2
-from ic_jax.pallas.indexer_logits.reference import fp8_inputs
+from ic_jax.pallas.indexer_logits.reference import fp8_inputs, layer_slice
 
 MIN_DOT_ROWS = 16  # Triton's smallest dot tile
 # (block_k, num_warps, num_stages) by kernel; the block kernel's is the best of a sweep on the H200 (BENCHMARKS.md)
@@ -71,7 +75,19 @@ def _store(o_ref, val, rows, cols, tq: int, tk: int):
     plgpu.store(o_ref, val, mask=(rows < tq) & (cols < tk))
 
 
-def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, *refs, heads: int, tq: int, tk: int):
+def _load_rows(ref, row, valid):
+    """ref[row : row + len(valid)]; rows where `valid` is False are not read and come back 0."""
+    mask = jnp.broadcast_to(valid.reshape(valid.shape + (1,) * (ref.ndim - 1)), valid.shape + ref.shape[1:])
+    return plgpu.load(ref.at[pl.ds(row, valid.shape[0])], mask=mask, other=jnp.zeros((), ref.dtype))
+
+
+def _first_row(layer_ref, start, batch: int, tk: int):
+    """The flat key row of key `start` of this program's sequence in the layer."""
+    return (layer_ref[0] * batch + pl.program_id(0)) * tk + start
+
+
+def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, layer_ref, *refs, heads: int, batch: int, tq: int,
+                  tk: int):
     *scale_ref, o_ref = refs  # the k scales, on the FP8 path only, then the output
     bq, bk = o_ref.shape
     start = pl.program_id(2) * bk
@@ -80,6 +96,7 @@ def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, *refs, heads: int, tq: 
     pos = pos_ref[...]
     kv_len = len_ref[0]
     limit = jnp.minimum(jnp.max(pos) + 1, kv_len)
+    row = _first_row(layer_ref, start, batch, tk)
 
     @pl.when(start >= limit)
     def _():
@@ -87,7 +104,8 @@ def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, *refs, heads: int, tq: 
 
     @pl.when(start < limit)
     def _():
-        kt = k_ref[...]
+        valid = cols[0] < tk
+        kt = _load_rows(k_ref, row, valid)
 
         def head(h, acc):
             s = jax.lax.dot_general(q_ref[:, h, :], kt, (((1,), (1,)), ((), ())),
@@ -96,18 +114,19 @@ def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, *refs, heads: int, tq: 
 
         acc = jax.lax.fori_loop(0, heads, head, jnp.zeros(o_ref.shape, jnp.float32))
         if scale_ref:
-            acc = acc * scale_ref[0][...][None, :]
+            acc = acc * _load_rows(scale_ref[0], row, valid)[None, :]
         _store(o_ref, jnp.where(_visible(pos[:, None], kv_len, cols), acc, -jnp.inf), rows, cols, tq, tk)
 
 
-def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, *refs, tk: int):
+def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, layer_ref, *refs, batch: int, tk: int):
     *scale_ref, o_ref = refs
-    bk = k_ref.shape[0]
+    bk = o_ref.shape[0]
     start = pl.program_id(2) * bk
     cols = start + jnp.arange(bk, dtype=jnp.int32)
     pos = pos_ref[0]
     kv_len = len_ref[0]
     limit = jnp.minimum(pos + 1, kv_len)
+    row = _first_row(layer_ref, start, batch, tk)
 
     @pl.when(start >= limit)
     def _():
@@ -115,60 +134,75 @@ def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, *refs, tk: int):
 
     @pl.when(start < limit)
     def _():
-        s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
+        valid = cols < tk
+        s = jax.lax.dot_general(q_ref[...], _load_rows(k_ref, row, valid), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)  # [H, bk]
         acc = jnp.sum(jnp.maximum(s, 0.0) * w_ref[...].astype(jnp.float32)[:, None], axis=0)
         if scale_ref:
-            acc = acc * scale_ref[0][...]
+            acc = acc * _load_rows(scale_ref[0], row, valid)
         _store(o_ref, jnp.where(_visible(pos, kv_len, cols), acc, -jnp.inf), 0, cols, 1, tk)
 
 
+def _offsets_wrap(k) -> bool:
+    """Pallas' Triton lowering addresses an array of at most 4 GiB with int32 element offsets (larger ones get
+    int64), which a stack of more than 2**31 one-byte (e4m3) keys overruns."""
+    return k.size > 2**31 and k.size * k.dtype.itemsize <= 2**32
+
+
 @functools.partial(jax.jit, static_argnames=("interpret", "block_q", "block_k", "num_warps", "num_stages"))
-def indexer_logits(q, k, w, q_pos, kv_len, k_scale=None, *, interpret: bool = False, block_q: int = 64,
+def indexer_logits(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, interpret: bool = False, block_q: int = 64,
                    block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
     """Same contract as `reference.indexer_logits`; with `k_scale` [B, Tk] every logit of key s is multiplied by
-    k_scale[b, s] (the FP8 path). Unset tuning knobs take the kernel's defaults above."""
+    k_scale[b, s] (the FP8 path). With `layer`, k [L, B, Tk, D] (and k_scale [L, B, Tk]) is read in place, unless
+    its offsets would overrun int32 (`_offsets_wrap`): then the layer is sliced out. Unset tuning knobs take the
+    kernel's defaults above."""
+    if layer is not None and _offsets_wrap(k):
+        k, k_scale, layer = layer_slice(k, layer), layer_slice(k_scale, layer), None
     B, Tq, H, D = q.shape
-    Tk = k.shape[1]
+    Tk = k.shape[-2]
     tuning = QUERY_TUNING if Tq < MIN_DOT_ROWS else BLOCK_TUNING
     block_k, num_warps, num_stages = (given or default for given, default in
                                       zip((block_k, num_warps, num_stages), tuning))
     bk = min(block_k, next_pow2(Tk))
     bq = 1 if Tq < MIN_DOT_ROWS else min(block_q, next_pow2(Tq))
-    # inputs padded to whole blocks (Triton reads edge blocks unmasked); padded queries see no key
-    tq_pad, tk_pad = pl.cdiv(Tq, bq) * bq - Tq, pl.cdiv(Tk, bk) * bk - Tk
+    # q, w and q_pos padded to whole query blocks (Triton reads edge blocks unmasked); padded queries see no key
+    tq_pad = pl.cdiv(Tq, bq) * bq - Tq
     q = jnp.pad(q, [(0, 0), (0, tq_pad), (0, 0), (0, 0)])
     w = jnp.pad(w, [(0, 0), (0, tq_pad), (0, 0)])
     q_pos = jnp.pad(q_pos.astype(jnp.int32), [(0, 0), (0, tq_pad)], constant_values=-1)
-    k = jnp.pad(k, [(0, 0), (0, tk_pad), (0, 0)])
-    scales = () if k_scale is None else (jnp.pad(k_scale.astype(jnp.float32), [(0, 0), (0, tk_pad)]),)
+    k = k.reshape(-1, D)  # free: the flat rows of the stack
+    scales = () if k_scale is None else (k_scale.astype(jnp.float32).reshape(-1),)
+    layer = jnp.zeros(1, jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
     kv_len = kv_len.astype(jnp.int32)
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     out_shape = jax.ShapeDtypeStruct((B, Tq, Tk), jnp.float32)
-    k_spec = pl.BlockSpec((None, bk, D), lambda b, i, j: (b, j, 0))
+    whole = pl.BlockSpec()  # k, its scales and the layer: the kernel indexes them (`_first_row`)
     len_spec = pl.BlockSpec((1,), lambda b, i, j: (b,))
-    scale_specs = [pl.BlockSpec((None, bk), lambda b, i, j: (b, j))] * len(scales)
     if Tq < MIN_DOT_ROWS:
         grid = (B, Tq, pl.cdiv(Tk, bk))
-        in_specs = [pl.BlockSpec((None, None, H, D), lambda b, i, j: (b, i, 0, 0)), k_spec,
+        in_specs = [pl.BlockSpec((None, None, H, D), lambda b, i, j: (b, i, 0, 0)), whole,
                     pl.BlockSpec((None, None, H), lambda b, i, j: (b, i, 0)),
-                    pl.BlockSpec((None, 1), lambda b, i, j: (b, i)), len_spec, *scale_specs]
+                    pl.BlockSpec((None, 1), lambda b, i, j: (b, i)), len_spec]
         out_spec = pl.BlockSpec((None, None, bk), lambda b, i, j: (b, i, j))
-        kernel = functools.partial(_query_kernel, tk=Tk)
+        kernel = functools.partial(_query_kernel, batch=B, tk=Tk)
     else:
         grid = (B, pl.cdiv(Tq, bq), pl.cdiv(Tk, bk))
-        in_specs = [pl.BlockSpec((None, bq, H, D), lambda b, i, j: (b, i, 0, 0)), k_spec,
+        in_specs = [pl.BlockSpec((None, bq, H, D), lambda b, i, j: (b, i, 0, 0)), whole,
                     pl.BlockSpec((None, bq, H), lambda b, i, j: (b, i, 0)),
-                    pl.BlockSpec((None, bq), lambda b, i, j: (b, i)), len_spec, *scale_specs]
+                    pl.BlockSpec((None, bq), lambda b, i, j: (b, i)), len_spec]
         out_spec = pl.BlockSpec((None, bq, bk), lambda b, i, j: (b, i, j))
-        kernel = functools.partial(_block_kernel, heads=H, tq=Tq, tk=Tk)
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_spec, out_shape=out_shape,
-                          compiler_params=params, interpret=interpret)(q, k, w, q_pos, kv_len, *scales)
+        kernel = functools.partial(_block_kernel, heads=H, batch=B, tq=Tq, tk=Tk)
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs + [whole] * (1 + len(scales)), out_specs=out_spec,
+                          out_shape=out_shape, compiler_params=params,
+                          interpret=interpret)(q, k, w, q_pos, kv_len, layer, *scales)
 
 
-def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None, **kwargs):
-    """Same contract as `reference.indexer_logits_fp8`; `kwargs` as for `indexer_logits`."""
+def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, **kwargs):
+    """Same contract as `reference.indexer_logits_fp8`; `kwargs` as for `indexer_logits`. Pre-quantized stacked
+    keys are read in place; keys quantized here are the layer's only."""
     if q.shape[-1] % 32:
         raise UserError(f"FP8 indexer logits need a head dim divisible by 32 (Hopper fp8 dots), got {q.shape[-1]}")
+    if k_scale is None:
+        k, layer = layer_slice(k, layer), None
     q8, k8, wq, k_scale = fp8_inputs(q, k, w, k_scale)
-    return indexer_logits(q8, k8, wq, q_pos, kv_len, k_scale, **kwargs)
+    return indexer_logits(q8, k8, wq, q_pos, kv_len, k_scale, layer=layer, **kwargs)

@@ -16,12 +16,16 @@ def indexer_logits(
     w: Float[Array, "B Tq H"],
     q_pos: Int[Array, "B Tq"],
     kv_len: Int[Array, "B"],
+    *,
+    layer=None,
 ) -> Float[Array, "B Tq Tk"]:
     """I[b, t, s] = sum_h w[b, t, h] * relu(q[b, t, h] . k[b, s]), in fp32.
 
     Key s is visible to query t iff s <= q_pos[b, t] and s < kv_len[b]; invisible keys get -inf.
     The heads are reduced one at a time, so no [Tq, H, Tk] intermediate exists.
+    With `layer` (an int, traced or not), k is a stacked key cache [L, B, Tk, D] and k[layer] is scored.
     """
+    k = layer_slice(k, layer)
     w = w.astype(jnp.float32)
 
     def add_head(acc, qw):
@@ -35,12 +39,12 @@ def indexer_logits(
     return jnp.where(visible_mask(q_pos, kv_len, k.shape[1]), acc, -jnp.inf)
 
 
-def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None) -> Float[Array, "B Tq Tk"]:
+def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None) -> Float[Array, "B Tq Tk"]:
     """The FP8 variant of `indexer_logits`: q and k quantized by `fp8_inputs`, the formula evaluated on the
     dequantized e4m3 values in fp32 (their products are exact, so a kernel differs in summation order, and on
     Hopper's fp8 MMA in the precision of each dot's accumulator). With `k_scale` [B, Tk], k is already
-    quantized (e4m3, as an FP8 key cache holds it)."""
-    q8, k8, wq, k_scale = fp8_inputs(q, k, w, k_scale)
+    quantized (e4m3, as an FP8 key cache holds it). `layer` as for `indexer_logits` (k_scale then [L, B, Tk])."""
+    q8, k8, wq, k_scale = fp8_inputs(q, layer_slice(k, layer), w, layer_slice(k_scale, layer))
     # the barrier keeps XLA (GPU, excess precision allowed) from folding the f32 -> e4m3 -> f32 round trip away
     q8, k8 = jax.lax.optimization_barrier((q8, k8))
     return indexer_logits(q8.astype(jnp.float32), k8.astype(jnp.float32), wq, q_pos, kv_len) * k_scale[:, None, :]
@@ -64,12 +68,17 @@ def _no_gradient(primals, tangents):
 
 
 def fp8_inputs(q: Float[Array, "B Tq H D"], k: Float[Array, "B Tk D"], w: Float[Array, "B Tq H"], k_scale=None):
-    """(q8, k8, w * q_scale, k_scale); k is taken as quantized when `k_scale` is given. The scales are positive,
-    so relu(sq sk x) = sq sk relu(x): the logits are k_scale[s] * sum_h (w * q_scale)[h] relu(q8[h] . k8[s]),
-    the k scale applied once after the head sum."""
+    """(q8, k8, w * q_scale, k_scale); k is taken as quantized when `k_scale` is given, and then passes through
+    as it is (a stacked cache too). The scales are positive, so relu(sq sk x) = sq sk relu(x): the logits are
+    k_scale[s] * sum_h (w * q_scale)[h] relu(q8[h] . k8[s]), the k scale applied once after the head sum."""
     q8, q_scale = quantize_fp8(q)
     k8, k_scale = quantize_fp8(k) if k_scale is None else (k, k_scale.astype(jnp.float32))
     return q8, k8, w.astype(jnp.float32) * q_scale, k_scale
+
+
+def layer_slice(x: Array | None, layer) -> Array | None:
+    """x[layer] of a stacked cache [L, ...]; x itself when `layer` (or x) is None."""
+    return x if layer is None or x is None else jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
 
 
 def visible_mask(q_pos: Int[Array, "B Tq"], kv_len: Int[Array, "B"], tk: int) -> Array:

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from ic_jax.pallas.common import round_up, tpu_interpret
+from ic_jax.pallas.indexer_logits.reference import layer_slice
 
 
 def _kernel(lim_ref, len_ref, q_ref, k_ref, w_ref, pos_ref, o_ref, *, heads: int):
@@ -42,8 +43,10 @@ def _kernel(lim_ref, len_ref, q_ref, k_ref, w_ref, pos_ref, o_ref, *, heads: int
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_q", "block_k"))
-def indexer_logits(q, k, w, q_pos, kv_len, *, interpret: bool = False, block_q: int = 128, block_k: int = 512):
-    """Same contract as `reference.indexer_logits`."""
+def indexer_logits(q, k, w, q_pos, kv_len, *, layer=None, interpret: bool = False, block_q: int = 128,
+                   block_k: int = 512):
+    """Same contract as `reference.indexer_logits`; a stacked k is sliced to k[layer] (a copy)."""
+    k = layer_slice(k, layer)
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     bq, bk = min(block_q, round_up(Tq, 8)), min(block_k, round_up(Tk, 128))
