@@ -15,7 +15,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from ic_jax.config import ModelConfig
-from ic_jax.pallas.grouped_matmul import grouped_matmul
+from ic_jax.pallas.grouped_matmul import gathered_matmul, grouped_matmul
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stack=(), std: float | None = None,
@@ -111,7 +111,7 @@ class DenseFFN(nnx.Module):
 
     def __call__(self, x: Float[Array, "... D"], implementation: str = "xla", interpret: bool = False
                  ) -> Float[Array, "... D"]:
-        """`implementation` and `interpret` are ignored: they match `MoE.__call__`."""
+        """`implementation` and `interpret` are ignored: they match `MoE.__call__`'s."""
         h = jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])
         return h @ self.w_down[...]
 
@@ -121,8 +121,8 @@ class MoE(nnx.Module):
 
     Tokens are sorted by expert and run through `grouped_matmul`, one per projection; its "xla"
     implementation (`jax.lax.ragged_dot`) is differentiable, "pallas_gpu" is forward only. With fewer
-    routed rows than experts (decode), the chosen experts' weights are gathered instead, so a step reads
-    only those experts rather than all of them.
+    routed rows than experts (decode), each routed row is multiplied by its expert's weights
+    (`gathered_matmul`), so a step reads only the chosen experts rather than all of them.
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, stack=(), out_std: float | None = None):
@@ -153,14 +153,18 @@ class MoE(nnx.Module):
             weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
         return experts, weights * cfg.routed_scaling_factor
 
-    def __call__(self, x: Float[Array, "... D"], implementation: str = "xla", interpret: bool = False
-                 ) -> Float[Array, "... D"]:
+    def __call__(self, x: Float[Array, "... D"], implementation: str = "xla", interpret: bool = False,
+                 stacked: tuple | None = None) -> Float[Array, "... D"]:
+        """`stacked` (w_gate, w_up, w_down, layer): inside a scan over stacked layers, the stacks [R, E, ...] and
+        this layer's index. The decode path then reads the chosen experts straight from the stacks: a kernel
+        given this layer's slice would copy all E experts' weights first (XLA materialises a custom call's
+        sliced operand), every step."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         experts, weights = self.route(x)
         k = experts.shape[-1]
         if x.shape[0] * k < self.cfg.n_routed_experts:
-            y = self._gathered(x, experts)
+            y = self._gathered(x, experts, implementation, interpret, stacked)
         else:
             y = self._grouped(x, experts, implementation, interpret)
         out = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
@@ -180,8 +184,17 @@ class MoE(nnx.Module):
         ys = gmm(h.astype(x.dtype), self.w_down[...])
         return jnp.zeros_like(ys).at[order].set(ys).reshape(-1, k, x.shape[-1])
 
-    def _gathered(self, x, experts) -> Float[Array, "N k D"]:
-        """Few routed rows (decode): read only the chosen experts' weights, one matvec each."""
-        w_gate, w_up, w_down = (w[...][experts] for w in (self.w_gate, self.w_up, self.w_down))
-        h = jax.nn.silu(jnp.einsum("nd,nkdf->nkf", x, w_gate)) * jnp.einsum("nd,nkdf->nkf", x, w_up)
-        return jnp.einsum("nkf,nkfd->nkd", h.astype(x.dtype), w_down)
+    def _gathered(self, x, experts, implementation, interpret, stacked) -> Float[Array, "N k D"]:
+        """Few routed rows (decode): each row times its chosen expert's weights, read in place."""
+        n, k = experts.shape
+        groups = experts.reshape(-1)
+        if stacked is None:
+            w_gate, w_up, w_down = self.w_gate[...], self.w_up[...], self.w_down[...]
+        else:  # the stacks as one list of R * E experts
+            *ws, layer = stacked
+            w_gate, w_up, w_down = (w.reshape(-1, *w.shape[2:]) for w in ws)
+            groups = groups + layer * ws[0].shape[1]
+        rows = jnp.repeat(x, k, axis=0)
+        gm = functools.partial(gathered_matmul, groups=groups, implementation=implementation, interpret=interpret)
+        h = jax.nn.silu(gm(rows, w_gate)) * gm(rows, w_up)
+        return gm(h.astype(x.dtype), w_down).reshape(n, k, -1)

@@ -51,11 +51,13 @@ class Block(nnx.Module):
                     else DenseFFN(cfg.hidden_size, cfg.intermediate_size, dtype_of(cfg), rngs, stack, out_std))
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], kv_len: Int[Array, "B"],
-                 cache: dict, layer, indices: Int[Array, "B T K"] | None, opts: RunOptions, use_own=None):
+                 cache: dict, layer, indices: Int[Array, "B T K"] | None, opts: RunOptions, use_own=None,
+                 experts: tuple | None = None):
         """Returns (x, cache, indices, aux). An F block selects its own top-k, unless the traced flag
         `use_own` is given and False: then it uses the carried `indices` (see `ic_jax.reuse`).
         With `opts.collect`, aux holds "attn" (head-averaged probabilities [B, T, S]), "indices", and for F
-        blocks the indexer "logits" [B, T, S], computed from detached inputs; else aux is None."""
+        blocks the indexer "logits" [B, T, S], computed from detached inputs; else aux is None.
+        `experts`: the layer group's stacked routed-expert weights, for a MoE block (see `MoE.__call__`)."""
         cfg = self.cfg
         h = self.attn_norm(x)
         cq, q_lat, q_rope = self.attn.queries(h, positions)
@@ -89,7 +91,8 @@ class Block(nnx.Module):
         else:
             o_lat = sparse_attention(q_lat, q_rope, cache["kv"], cache["k_rope"], layer, indices, cfg, opts)
         x = x + self.attn.output(o_lat)
-        x = x + self.ffn(self.ffn_norm(x), opts.implementation, opts.interpret)
+        stacked = {} if experts is None else {"stacked": (*experts, layer)}
+        x = x + self.ffn(self.ffn_norm(x), opts.implementation, opts.interpret, **stacked)
         return x, cache, indices, aux if opts.collect else None
 
 
@@ -104,6 +107,9 @@ class LayerGroup(nnx.Module):
         """Scans the group; `indices` (the last F layer's top-k before this stage) flow through it."""
         graphdef, params = nnx.split(self)
         tags = [k.tag for k in self.stage.kinds]
+        # closed over whole, so that a decode step reads its chosen experts in place (see `MoE.__call__`)
+        experts = [(b.ffn.w_gate[...], b.ffn.w_up[...], b.ffn.w_down[...]) if isinstance(b.ffn, MoE) else None
+                   for b in self.blocks]
 
         def body(carry, p):
             x, caches, indices, rep = carry
@@ -111,7 +117,8 @@ class LayerGroup(nnx.Module):
             caches, aux = list(caches), []
             for pos, block in enumerate(group.blocks):
                 with jax.named_scope(f"layer_{tags[pos]}"):
-                    x, caches[pos], indices, a = block(x, positions, kv_len, caches[pos], rep, indices, opts)
+                    x, caches[pos], indices, a = block(x, positions, kv_len, caches[pos], rep, indices, opts,
+                                                       experts=experts[pos])
                 aux.append(a)
             return (x, caches, indices, rep + 1), aux
 

@@ -1,10 +1,10 @@
-"""Grouped matmul: every implementation against a float64 numpy loop over groups (Pallas in interpret mode)."""
+"""Grouped and gathered matmul: every implementation against float64 numpy loops (Pallas in interpret mode)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ic_jax.pallas.grouped_matmul import IMPLEMENTATIONS, grouped_matmul
+from ic_jax.pallas.grouped_matmul import GATHERED_IMPLEMENTATIONS, IMPLEMENTATIONS, gathered_matmul, grouped_matmul
 from ic_jax.pallas.grouped_matmul import gpu
 
 IMPLS = list(IMPLEMENTATIONS)
@@ -65,6 +65,46 @@ def test_bf16_output_dtype():
     for impl in IMPLS:
         out = grouped_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), sizes,
                              implementation=impl, interpret=True)
+        assert out.dtype == jnp.bfloat16
+        err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+        assert err < 2e-2, (impl, err)
+
+
+@pytest.mark.parametrize("impl", list(GATHERED_IMPLEMENTATIONS))
+@pytest.mark.parametrize("M, K, N, blocks", [
+    (1, 64, 48, {}),                    # one decode row
+    (7, 200, 100, {}),                  # K, N not multiples of the default blocks
+    (12, 40, 36, dict(bk=16, bn=16, splits=1)),  # several K and N blocks with ragged edges, one K part
+    (3, 200, 36, dict(bk=16, bn=16, splits=4)),   # K cut in 4 parts of 4 blocks, the last ragged
+    (2, 40, 20, dict(bk=16, bn=16, splits=8)),    # more splits asked than K blocks
+])
+def test_gathered_matches_numpy(impl, M, K, N, blocks):
+    """Row i times w[groups[i]]; groups repeat and skip matrices, as a decode step's chosen experts do."""
+    rng = np.random.default_rng(M * 1000 + K)
+    G = 9
+    groups = rng.integers(0, G, M).astype(np.int32)
+    groups[: min(M, 3)] = groups[0]  # a repeated expert
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((G, K, N)).astype(np.float32)
+    if blocks:
+        out = gpu.gathered_matmul(x, w, groups, interpret=True, **blocks)
+    else:
+        out = gathered_matmul(x, w, groups, implementation=impl, interpret=True)
+    ref = np.stack([x[i].astype(np.float64) @ w[g].astype(np.float64) for i, g in enumerate(groups)])
+    out = np.asarray(out)
+    assert out.shape == (M, N) and out.dtype == np.float32
+    assert np.linalg.norm(out - ref) <= 1e-5 * np.linalg.norm(ref)
+
+
+def test_gathered_bf16():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 96)).astype(np.float32)
+    w = rng.standard_normal((5, 96, 80)).astype(np.float32)
+    groups = np.array([4, 0, 4, 2], np.int32)
+    ref = np.stack([x[i].astype(np.float64) @ w[g].astype(np.float64) for i, g in enumerate(groups)])
+    for impl in GATHERED_IMPLEMENTATIONS:
+        out = gathered_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), groups,
+                              implementation=impl, interpret=True)
         assert out.dtype == jnp.bfloat16
         err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
         assert err < 2e-2, (impl, err)

@@ -51,16 +51,18 @@ def test_moe_matches_dense_per_expert_reference(tiny_cfg, ref, case, seed):
         assert sum(a != b for a, b in zip(chosen, ungrouped)) >= 3, "group restriction does not change any choice"
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_decode_sized_batches_match_reference(tiny_cfg, ref, tokens):
-    """Fewer routed rows than experts takes the gathered-experts path: it must compute the same function."""
+def test_decode_sized_batches_match_reference(tiny_cfg, ref, tokens, impl):
+    """Fewer routed rows than experts takes the gathered-experts path (the GPU kernel in interpret mode): it
+    must compute the same function."""
     cfg = tiny_cfg
     assert tokens * cfg.num_experts_per_tok < cfg.n_routed_experts
     layer = MoE(cfg, nnx.Rngs(7))
     rng = np.random.default_rng(tokens)
     set_router_bias(layer, 0.3 * rng.standard_normal(cfg.n_routed_experts))
     x = rng.standard_normal((tokens, 1, cfg.hidden_size)).astype(np.float32)
-    got = np.asarray(jax.jit(lambda m, x: m(x))(layer, jnp.asarray(x)), np.float64)
+    got = np.asarray(jax.jit(lambda m, x: m(x, impl, impl != "xla"))(layer, jnp.asarray(x)), np.float64)
     want = ref.moe(moe_params(layer), x.astype(np.float64), cfg)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 

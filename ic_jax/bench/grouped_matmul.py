@@ -1,6 +1,9 @@
-"""python -m ic_jax.bench grouped-matmul: the MoE grouped matmul on the 30B shapes (8192 tokens, top-4 of 64
-experts, gate/up and down projections), Pallas block-size variants against jax.lax.ragged_dot and a dense
-matmul of the same FLOPs. Each variant is first checked against a float32 per-group reference.
+"""python -m ic_jax.bench grouped-matmul: the MoE matmuls on the 30B shapes (top-4 of 64 experts, gate/up and
+down projections). Prefill (8192 tokens): the grouped matmul's Pallas block-size variants against
+jax.lax.ragged_dot and a dense matmul of the same FLOPs. Decode (batches of 1 and 8 tokens, 4 and 32 routed
+rows): the gathered matmul's variants against XLA (gather the chosen experts, then one einsum), as GB/s of
+expert weights read and the share of the copy bandwidth measured in the same run. Each variant is first
+checked against a float32 reference.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ic_jax.bench.timing import median_time, write_json
+from ic_jax.bench.timing import measure_ceilings, median_time, write_json
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.pallas.grouped_matmul import gpu, reference
 
@@ -21,6 +24,10 @@ TOKENS, TOPK, EXPERTS = 8192, 4, 64
 SHAPES = {"gate/up": (2048, 1536), "down": (1536, 2048)}
 VARIANTS = [  # bm, bn, bk, num_warps, num_stages
     (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 256, 64, 8, 4), (64, 256, 64, 8, 4),
+]
+DECODE_ROWS = (4, 32)  # routed rows of decode batches 1 and 8 at top-4
+GATHERED_VARIANTS = [  # bn, bk, num_warps, num_stages; the first is the kernel's default
+    (64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 256, 8, 3), (128, 64, 4, 4), (16, 256, 2, 4),
 ]
 
 
@@ -86,13 +93,49 @@ def main(argv=None) -> int:
                 continue
             rows.append((name, label, ms, flops / ms / 1e9, err))
             print(*rows[-1], flush=True)
-    print(f"\n{'shape':8} {'variant':36} {'ms':>8} {'TFLOP/s':>8} {'rel err':>9}")
+    decode = decode_rows(rng, measure_ceilings()["copy_bytes_s"])
+    print(f"\nprefill, {TOKENS} tokens\n{'shape':8} {'variant':36} {'ms':>8} {'TFLOP/s':>8} {'rel err':>9}")
     for name, label, ms, tflops, err in rows:
         print(f"{name:8} {label:36} {ms:8.3f} {tflops:8.1f} {err:9.2e}")
+    print(f"\ndecode (gathered matmul)\n{'shape':8} {'rows':>4} {'variant':28} {'ms':>8} {'GB/s':>7} {'% copy':>7} "
+          f"{'vs XLA':>7} {'rel err':>9}")
+    for r in decode:
+        print(f"{r['shape']:8} {r['rows']:4} {r['variant']:28} {r['ms']:8.4f} {r['gb_s']:7.0f} {r['pct_copy']:7.1f} "
+              f"{r['vs_xla']:6.2f}x {r['rel_err']:9.2e}")
     if a.json:
         write_json(a.json, {"device": device, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-                            "rows": [dict(zip(("shape", "variant", "ms", "tflops", "rel_err"), r)) for r in rows]})
+                            "rows": [dict(zip(("shape", "variant", "ms", "tflops", "rel_err"), r)) for r in rows],
+                            "decode_rows": decode})
     return 0
+
+
+def decode_rows(rng, copy_bytes_s: float) -> list[dict]:
+    """The gathered matmul at decode sizes, distinct experts per row (every row reads its own matrix)."""
+    out = []
+    for name, (K, N) in SHAPES.items():
+        w = jnp.asarray(rng.standard_normal((EXPERTS, K, N)) * K**-0.5, jnp.bfloat16)
+        for M in DECODE_ROWS:
+            x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+            groups = jnp.asarray(rng.choice(EXPERTS, M, replace=False).astype(np.int32))
+            ref = jnp.einsum("mk,mkn->mn", x.astype(jnp.float32), w[groups].astype(jnp.float32), precision="highest")
+            nbytes = M * K * N * w.dtype.itemsize
+            xla_ms = median_time(jax.jit(reference.gathered_matmul), x, w, groups) * 1e3
+            cases = [("xla gather + einsum", jax.jit(reference.gathered_matmul))] + [
+                (f"pallas bn{bn} bk{bk} w{warps} s{stages}",
+                 jax.jit(functools.partial(gpu.gathered_matmul, bn=bn, bk=bk, num_warps=warps, num_stages=stages)))
+                for bn, bk, warps, stages in GATHERED_VARIANTS]
+            for label, fn in cases:
+                try:
+                    err = rel_err(fn(x, w, groups), ref)
+                    ms = xla_ms if label.startswith("xla") else median_time(fn, x, w, groups) * 1e3
+                except Exception as e:  # a variant that fails to compile should not end the run
+                    print(label, "FAILED:", str(e).splitlines()[0][:300])
+                    continue
+                gb_s = nbytes / ms / 1e6
+                out.append({"shape": name, "rows": M, "variant": label, "ms": ms, "gb_s": gb_s,
+                            "pct_copy": 100 * gb_s * 1e9 / copy_bytes_s, "vs_xla": xla_ms / ms, "rel_err": err})
+                print(*out[-1].values(), flush=True)
+    return out
 
 
 main = cli_entry(main)

@@ -1,10 +1,16 @@
-"""Grouped matmul as a Pallas kernel (Triton lowering) that does only the useful work.
+"""Grouped matmul as Pallas kernels (Triton lowering) that do only the useful work.
+
+`grouped_matmul` (rows sorted by group, prefill):
 
 Rows are cut into aligned blocks of `bm`; a block that straddles group boundaries is computed once per
 group it holds (about M/bm + G block passes in all, against G * M/bm for the dense expansion) and each
 pass keeps only its own group's rows. The grid is (N/bn, M/bm) with the N blocks varying fastest, so
 programs in flight share x rows and expert weights through L2. Forward only: no VJP is defined, so
 training uses the "xla" implementation.
+
+`gathered_matmul` (a few rows, each with its own matrix, decode): one program per (row, column block) reads
+its row's matrix in place, where XLA would first copy the chosen matrices out of the stack. The products are
+row vector x matrix, on the CUDA cores: the kernel is bound by reading the weights.
 """
 
 from __future__ import annotations
@@ -96,3 +102,51 @@ def grouped_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], group_sizes
         name="grouped_matmul",
     )(first, count, starts, ends, x, w)
     return out[:M, :N]
+
+
+def _gathered_kernel(groups_ref, x_ref, w_ref, o_ref, *, bk: int, bn: int, k: int, n: int, steps: int):
+    j, i, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    g = groups_ref[i]
+    n0 = pl.multiple_of(j * bn, bn)
+    cols = n0 + jnp.arange(bn, dtype=jnp.int32)
+
+    def k_step(kk, acc):
+        k0 = pl.multiple_of((part * steps + kk) * bk, bk)
+        rows = k0 + jnp.arange(bk, dtype=jnp.int32)
+        xb = plgpu.load(x_ref.at[i, pl.ds(k0, bk)], mask=rows < k, other=0)
+        wb = plgpu.load(w_ref.at[g, pl.ds(k0, bk), pl.ds(n0, bn)], mask=(rows < k)[:, None] & (cols < n)[None, :],
+                        other=0)
+        return acc + jnp.sum(xb.astype(jnp.float32)[:, None] * wb.astype(jnp.float32), axis=0)
+
+    acc = jax.lax.fori_loop(0, steps, k_step, jnp.zeros((bn,), jnp.float32))
+    plgpu.store(o_ref.at[part, i, pl.ds(n0, bn)], acc, mask=cols < n)
+
+
+GATHERED_PROGRAMS = 1024  # split K until about this many programs: a few rows alone leave most SMs idle
+
+
+@functools.partial(jax.jit, static_argnames=("bk", "bn", "splits", "num_warps", "num_stages", "interpret"))
+def gathered_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], groups: Int[Array, "M"], *, bk: int = 128,
+                    bn: int = 64, splits: int | None = None, num_warps: int = 4, num_stages: int = 4,
+                    interpret: bool = False) -> Float[Array, "M N"]:
+    """`reference.gathered_matmul` semantics; forward only. Nothing is padded: edge blocks are masked. K is cut
+    into `splits` parts (default: enough for about GATHERED_PROGRAMS programs), summed in fp32 afterwards."""
+    (M, K), (G, _, N) = x.shape, w.shape
+    bk, bn = min(bk, _pow2(K)), min(bn, _pow2(N))
+    k_steps = pl.cdiv(K, bk)
+    if splits is None:
+        splits = max(1, GATHERED_PROGRAMS // (M * pl.cdiv(N, bn)))
+    steps = pl.cdiv(k_steps, min(splits, k_steps))
+    parts = pl.cdiv(k_steps, steps)
+    full = pl.BlockSpec()
+    out = pl.pallas_call(
+        functools.partial(_gathered_kernel, bk=bk, bn=bn, k=K, n=N, steps=steps),
+        out_shape=jax.ShapeDtypeStruct((parts, M, N), jnp.float32),
+        grid=(pl.cdiv(N, bn), M, parts),
+        in_specs=[full] * 3,
+        out_specs=full,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gathered_matmul",
+    )(jnp.clip(groups.astype(jnp.int32), 0, G - 1), x, w)
+    return out.sum(0).astype(x.dtype)

@@ -14,3 +14,10 @@ def grouped_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], group_sizes
     """
     out = jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
+
+
+def gathered_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], groups: Int[Array, "M"]) -> Float[Array, "M N"]:
+    """Row i times w[groups[i]] (rows in any order, groups may repeat). Accumulates in float32, returns x.dtype.
+
+    XLA gathers the chosen matrices (a copy of each) before the product."""
+    return jnp.einsum("mk,mkn->mn", x, w[groups], preferred_element_type=jnp.float32).astype(x.dtype)
