@@ -1,5 +1,5 @@
-"""The generate command as a user runs it: good path, and one-line exit-2 errors for bad input (the bench sweep's
-and roofline's too)."""
+"""The generate command as a user runs it: good path, and one-line exit-2 errors for bad input (the bench sweep's,
+roofline's and decode's too)."""
 
 import json
 import subprocess
@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from ic_jax.bench import roofline, sweep
+import jax
+import jax.numpy as jnp
+
+from ic_jax.bench import decode, roofline, sweep
 from ic_jax.checkpoint import save_checkpoint
 from ic_jax.config import load_config
 from ic_jax.model import DSAModel
@@ -114,5 +117,39 @@ def test_bench_roofline_bad_input_is_one_line_exit_2(tmp_path, content, message,
     if content is not None:
         path.write_text(content)
     assert roofline.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_decode_times_each_pattern(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    assert decode.main(["--config", "tiny", "--patterns", "F", "FSSS", "--context", "100", "--steps", "2",
+                        "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pattern"] for r in rows] == ["F" * 8, "FSSSFSSS"] and [r["indexers"] for r in rows] == [8, 2]
+    assert all(r["ms_per_step"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+    assert "FSSS" in capsys.readouterr().out
+
+
+def test_bench_decode_profile_counts_a_known_program():
+    """Three calls of a program of two ops, a 512^3 matmul and 512^2 sines: two kernels per step, each once, the
+    matmul first (on the CPU XLA names it after the library that runs it), the times adding up."""
+    x = jnp.ones((512, 512))
+    f = jax.jit(lambda x: jnp.sin(x @ x))
+    jax.block_until_ready(f(x))
+    prof = decode.device_profile(lambda: [jax.block_until_ready(f(x)) for _ in range(3)], steps=3, top=5)
+    assert prof["kernels"] == 2.0 and [k["calls"] for k in prof["top"]] == [1.0, 1.0]
+    assert "sin" not in prof["top"][0]["name"] and "sin" in prof["top"][1]["name"]
+    assert abs(sum(k["ms"] for k in prof["top"]) - prof["kernel_ms"]) < 1e-9 < prof["kernel_ms"] <= prof["span_ms"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--context", "0"], "write lengths like"),
+    (["--context", "1k,2k"], "give one length"),
+    (["--patterns", "SF", "--context", "100"], "starts with S"),
+    (["--context", "200k"], "max_position_embeddings"),
+])
+def test_bench_decode_bad_input_is_one_line_exit_2(args, message, capsys):
+    assert decode.main(["--config", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

@@ -36,14 +36,14 @@ PAPER = {  # context -> (prefill all-F s, prefill 1/4 s, decode all-F tok/s, dec
 }
 
 
-def parse_contexts(text: str) -> list[int]:
+def parse_contexts(text: str, flag: str = "--contexts") -> list[int]:
     out = []
     for part in text.split(","):
         part = part.strip().lower()
         mult = 1000 if part.endswith("k") else 1
         num = part[:-1] if mult > 1 else part
         if not num.isdigit() or int(num) < 1:
-            raise UserError(f"--contexts {text!r}: write lengths like 10k,60k,200000")
+            raise UserError(f"{flag} {text!r}: write lengths like 10k,60k,200000")
         out.append(int(num) * mult)
     return out
 

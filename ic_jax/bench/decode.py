@@ -1,0 +1,181 @@
+"""python -m ic_jax.bench decode: decode step time per IndexCache pattern at a long context, without a prefill.
+
+Random weights of a preset (default: the 30B GLM-4.7-Flash + DSA shape) are made on the device and the cache
+(`--batch` sequences of `--context` tokens) is filled with random values instead of being prefilled, so a 200K
+point takes seconds where `bench e2e` spends 40 s on the prefill. Each step is the model's `decode_step` (cache
+donated), at positions from `--context` on, timed over `--steps` steps issued back to back, as `generate` runs them;
+speedups are against the first pattern, in the same run. With --profile, three more steps are traced
+(jax.profiler) and the table shows where the device time goes: kernel time and count per step, and the kernels
+(XLA fusions by name, Pallas kernels by function) with the most time.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.profiler import ProfileData
+from tqdm import tqdm
+
+from ic_jax.attention import RunOptions
+from ic_jax.bench.e2e import parse_contexts, random_model
+from ic_jax.checkpoint import atomic_write_text
+from ic_jax.config import load_config
+from ic_jax.engine import Engine, decode_step
+from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.pallas.dispatch import MODEL_IMPLS
+from ic_jax.pattern import parse_pattern
+from ic_jax.sampling import Sampling
+
+PROFILED_STEPS = 3
+
+
+def random_cache(cache, seed: int):
+    """The cache with every float entry drawn from N(0, 1) (the FP8 key scales keep their 1s), one leaf at a time."""
+    leaves, tree = jax.tree.flatten(cache)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+
+    @jax.jit
+    def draw(key, like):
+        return jax.random.normal(key, like.shape, jnp.bfloat16).astype(like.dtype)
+
+    return jax.tree.unflatten(tree, [x if x.dtype == jnp.float32 else draw(k, x) for k, x in zip(keys, leaves)])
+
+
+def device_profile(run, steps: int, top: int) -> dict:
+    """Traces `run()` (which issues `steps` steps and waits) and sums its kernels per step, on the first
+    accelerator, or over the innermost XLA ops of the host's CPU client where there is none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            run()
+        data = ProfileData.from_file(str(next(Path(tmp).rglob("*.xplane.pb"))))
+    planes = list(data.planes)
+    device = [p for p in planes if p.name.startswith(("/device:GPU", "/device:TPU"))][:1]
+    events = []
+    for plane in device or [p for p in planes if p.name == "/host:CPU"]:
+        for line in plane.lines:
+            if device and not line.name.startswith(("Stream", "XLA Ops")):
+                continue
+            ops = sorted((ev for ev in line.events if device or "hlo_op" in dict(ev.stats)), key=lambda e: e.start_ns)
+            # leaves only: on the CPU a loop's event encloses those of its body
+            events += [ev for ev, nxt in zip(ops, ops[1:] + [None])
+                       if nxt is None or nxt.start_ns >= ev.start_ns + ev.duration_ns]
+    if not events:
+        raise RuntimeError("the profiler trace holds no kernel events")
+    time_ns, calls = collections.Counter(), collections.Counter()
+    for ev in events:
+        time_ns[ev.name] += ev.duration_ns
+        calls[ev.name] += 1
+    first = min(ev.start_ns for ev in events)
+    last = max(ev.start_ns + ev.duration_ns for ev in events)
+    return {"kernel_ms": sum(time_ns.values()) / steps / 1e6, "span_ms": (last - first) / steps / 1e6,
+            "kernels": len(events) / steps,
+            "top": [{"name": name, "ms": ns / steps / 1e6, "calls": calls[name] / steps}
+                    for name, ns in time_ns.most_common(top)]}
+
+
+def time_pattern(cfg, spec: str, a, opts: RunOptions) -> dict:
+    pattern = parse_pattern(spec, cfg.num_hidden_layers)
+    t = time.perf_counter()
+    engine = Engine(random_model(cfg, pattern, a.seed), opts)
+    cache = random_cache(engine.new_cache(a.batch, a.context + a.steps + PROFILED_STEPS + 8), a.seed)
+    jax.block_until_ready(cache)
+    setup_s = time.perf_counter() - t
+    token = jnp.zeros(a.batch, jnp.int32)
+    key = jax.random.key(a.seed)
+    state = {"token": token, "cache": cache, "pos": a.context}
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            pos = jnp.full(a.batch, state["pos"], jnp.int32)
+            state["token"], _, state["cache"] = decode_step(engine.graphdef, engine.params, state["token"], pos,
+                                                            state["cache"], key, opts, Sampling())
+            state["pos"] += 1
+        jax.block_until_ready(state["token"])
+
+    t = time.perf_counter()
+    steps(1)
+    compile_s = time.perf_counter() - t
+    steps(2)
+    t = time.perf_counter()
+    steps(a.steps)
+    ms = (time.perf_counter() - t) / a.steps * 1e3
+    row = {"pattern": pattern, "spec": spec, "indexers": pattern.count("F"), "ms_per_step": ms,
+           "tok_s": 1e3 / ms, "setup_s": setup_s, "compile_s": compile_s}
+    if a.profile:
+        row["profile"] = device_profile(lambda: steps(PROFILED_STEPS), PROFILED_STEPS, a.top)
+    return row
+
+
+def print_profile(row: dict) -> None:
+    prof = row["profile"]
+    print(f"\n{row['spec']}: {prof['kernels']:.0f} kernels, {prof['kernel_ms']:.2f} ms of kernel time and "
+          f"{prof['span_ms']:.2f} ms from first to last kernel per step (traced; the untraced step is "
+          f"{row['ms_per_step']:.2f} ms)")
+    print(f"{'ms/step':>9} {'share':>6} {'calls':>6}  kernel")
+    for k in prof["top"]:
+        print(f"{k['ms']:9.3f} {100 * k['ms'] / prof['kernel_ms']:5.1f}% {k['calls']:6.1f}  {k['name'][:100]}")
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(prog="python -m ic_jax.bench decode", description=__doc__)
+    p.add_argument("--config", default="glm47_flash_dsa", help="preset or config JSON (default glm47_flash_dsa)")
+    p.add_argument("--layers", type=int, help="override num_hidden_layers (quick checks)")
+    p.add_argument("--patterns", nargs="+", default=["F", "FSSS"],
+                   help="patterns in any --pattern form; speedups are against the first (default: F FSSS)")
+    p.add_argument("--context", default="200k", help="tokens already in the cache (default 200k)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per pattern (default 32)")
+    p.add_argument("--impl", choices=MODEL_IMPLS, default="auto", help="op implementation (default auto)")
+    p.add_argument("--indexer-fp8", action="store_true", help="FP8 indexer logits and key cache (default bf16)")
+    p.add_argument("--profile", action="store_true",
+                   help="trace 3 more steps and print the kernels with the most device time")
+    p.add_argument("--top", type=int, default=25, help="kernels listed per pattern with --profile (default 25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the rows (and profiles) as JSON here")
+    a = p.parse_args(argv)
+    if min(a.batch, a.steps, a.top) < 1:
+        p.error("--batch, --steps and --top must be >= 1")
+    contexts = parse_contexts(a.context, "--context")
+    if len(contexts) != 1:
+        raise UserError(f"--context {a.context!r}: give one length, like 200k")
+    a.context = contexts[0]
+    cfg = load_config(a.config)
+    if a.layers:
+        cfg = cfg.replace(num_hidden_layers=a.layers, first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
+    if a.indexer_fp8:
+        cfg = cfg.replace(indexer_fp8=True)
+    if a.context + a.steps + PROFILED_STEPS + 8 > cfg.max_position_embeddings:
+        raise UserError(f"--context {a.context} plus the steps exceeds max_position_embeddings "
+                        f"{cfg.max_position_embeddings}; give a shorter context")
+    for spec in a.patterns:
+        parse_pattern(spec, cfg.num_hidden_layers)  # bad patterns fail before any model is built
+    opts = RunOptions.for_impl(a.impl)
+    device = jax.devices()[0].device_kind
+    rows: list[dict] = []
+    for spec in tqdm(a.patterns, desc="decode", unit="pattern"):
+        rows.append(time_pattern(cfg, spec, a, opts))
+        rows[-1]["speedup"] = rows[0]["ms_per_step"] / rows[-1]["ms_per_step"]
+        if a.json:  # every pattern measured so far, so an interrupted run keeps its numbers
+            atomic_write_text(a.json, json.dumps({
+                "device": device, "jax": jax.__version__, "impl": opts.implementation or "auto", "config": a.config,
+                "layers": cfg.num_hidden_layers, "context": a.context, "batch": a.batch,
+                "indexer_fp8": cfg.indexer_fp8, "rows": rows}, indent=2))
+    print(f"\n{cfg.num_hidden_layers} layers, {device}, jax {jax.__version__}, impl {opts.implementation or 'auto'}, "
+          f"batch {a.batch}, context {a.context}, indexer {'fp8' if cfg.indexer_fp8 else 'bf16'}")
+    print(f"{'pattern':>10} {'indexers':>9} {'ms/step':>8} {'tok/s':>7} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['spec'][:10]:>10} {r['indexers']:>5}/{cfg.num_hidden_layers:<3} {r['ms_per_step']:8.2f} "
+              f"{r['tok_s']:7.1f} {r['speedup']:7.2f}x")
+    for r in rows:
+        if a.profile:
+            print_profile(r)
+    return 0
+
+
+main = cli_entry(main)
