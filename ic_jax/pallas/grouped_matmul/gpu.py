@@ -8,9 +8,10 @@ pass keeps only its own group's rows. The grid is (N/bn, M/bm) with the N blocks
 programs in flight share x rows and expert weights through L2. Forward only: no VJP is defined, so
 training uses the "xla" implementation.
 
-`gathered_matmul` (a few rows, each with its own matrix, decode): one program per (row, column block) reads
-its row's matrix in place, where XLA would first copy the chosen matrices out of the stack. The products are
-row vector x matrix, on the CUDA cores: the kernel is bound by reading the weights.
+`gathered_matmul` (a few rows, each with its own matrix, decode): one program per (row, column block, part of K)
+reads its share of the row's matrix in place, where XLA would first copy the chosen matrices out of the stack;
+the K parts are summed after. The products are row vector x matrix, on the CUDA cores: the kernel is bound by
+reading the weights.
 """
 
 from __future__ import annotations
