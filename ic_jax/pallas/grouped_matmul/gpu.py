@@ -24,9 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
+from ic_jax.pallas.common import next_pow2
 
 
 def _pad_to(a, axis: int, size: int):
@@ -83,14 +81,14 @@ def grouped_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], group_sizes
     """`reference.grouped_matmul` semantics (f32 accumulation, output x.dtype); forward only."""
     (M, K), (G, _, N) = x.shape, w.shape
     # Blocks are powers of 2 (Triton), at least 16 (tensor-core dots), at most the padded dim.
-    bm, bk, bn = (min(b, max(16, _pow2(d))) for b, d in ((bm, M), (bk, K), (bn, N)))
+    bm, bk, bn = (min(b, max(16, next_pow2(d))) for b, d in ((bm, M), (bk, K), (bn, N)))
     m_pad, k_pad, n_pad = pl.cdiv(M, bm) * bm, pl.cdiv(K, bk) * bk, pl.cdiv(N, bn) * bn
     x = _pad_to(_pad_to(x, 0, m_pad), 1, k_pad)
     w = _pad_to(_pad_to(w, 1, k_pad), 2, n_pad)
     first, count, starts, ends = schedule(group_sizes, m_pad, bm)
     # Index arrays padded to power-of-2 lengths for the Triton lowering.
-    first, count = (_pad_to(a, 0, _pow2(a.shape[0])) for a in (first, count))
-    starts, ends = (_pad_to(a, 0, _pow2(G)) for a in (starts, ends))
+    first, count = (_pad_to(a, 0, next_pow2(a.shape[0])) for a in (first, count))
+    starts, ends = (_pad_to(a, 0, next_pow2(G)) for a in (starts, ends))
     full = pl.BlockSpec()
     out = pl.pallas_call(
         functools.partial(_kernel, bm=bm, bk=bk, bn=bn, nk=k_pad // bk),
@@ -133,7 +131,7 @@ def gathered_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], groups: In
     """`reference.gathered_matmul` semantics; forward only. Nothing is padded: edge blocks are masked. K is cut
     into `splits` parts (default: enough for about GATHERED_PROGRAMS programs), summed in fp32 afterwards."""
     (M, K), (G, _, N) = x.shape, w.shape
-    bk, bn = min(bk, _pow2(K)), min(bn, _pow2(N))
+    bk, bn = min(bk, next_pow2(K)), min(bn, next_pow2(N))
     k_steps = pl.cdiv(K, bk)
     if splits is None:
         splits = max(1, GATHERED_PROGRAMS // (M * pl.cdiv(N, bn)))
