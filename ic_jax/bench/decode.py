@@ -23,12 +23,10 @@ from jax.profiler import ProfileData
 from tqdm import tqdm
 
 from ic_jax.attention import RunOptions
-from ic_jax.bench.e2e import parse_contexts, random_model
+from ic_jax.bench.e2e import add_model_arguments, model_config, parse_contexts, random_model
 from ic_jax.checkpoint import atomic_write_text
-from ic_jax.config import load_config
 from ic_jax.engine import Engine, decode_step
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
-from ic_jax.pallas.dispatch import MODEL_IMPLS
 from ic_jax.pattern import parse_pattern
 from ic_jax.sampling import Sampling
 
@@ -124,19 +122,15 @@ def print_profile(row: dict) -> None:
 
 def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m ic_jax.bench decode", description=__doc__)
-    p.add_argument("--config", default="glm47_flash_dsa", help="preset or config JSON (default glm47_flash_dsa)")
-    p.add_argument("--layers", type=int, help="override num_hidden_layers (quick checks)")
+    add_model_arguments(p)
     p.add_argument("--patterns", nargs="+", default=["F", "FSSS"],
                    help="patterns in any --pattern form; speedups are against the first (default: F FSSS)")
     p.add_argument("--context", default="200k", help="tokens already in the cache (default 200k)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per pattern (default 32)")
-    p.add_argument("--impl", choices=MODEL_IMPLS, default="auto", help="op implementation (default auto)")
-    p.add_argument("--indexer-fp8", action="store_true", help="FP8 indexer logits and key cache (default bf16)")
     p.add_argument("--profile", action="store_true",
                    help="trace 3 more steps and print the kernels with the most device time")
     p.add_argument("--top", type=int, default=25, help="kernels listed per pattern with --profile (default 25)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the rows (and profiles) as JSON here")
     a = p.parse_args(argv)
     if min(a.batch, a.steps, a.top) < 1:
@@ -145,11 +139,7 @@ def main(argv=None) -> int:
     if len(contexts) != 1:
         raise UserError(f"--context {a.context!r}: give one length, like 200k")
     a.context = contexts[0]
-    cfg = load_config(a.config)
-    if a.layers:
-        cfg = cfg.replace(num_hidden_layers=a.layers, first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
-    if a.indexer_fp8:
-        cfg = cfg.replace(indexer_fp8=True)
+    cfg = model_config(a)
     if a.context + a.steps + PROFILED_STEPS + 8 > cfg.max_position_embeddings:
         raise UserError(f"--context {a.context} plus the steps exceeds max_position_embeddings "
                         f"{cfg.max_position_embeddings}; give a shorter context")
@@ -172,8 +162,8 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['spec'][:10]:>10} {r['indexers']:>5}/{cfg.num_hidden_layers:<3} {r['ms_per_step']:8.2f} "
               f"{r['tok_s']:7.1f} {r['speedup']:7.2f}x")
-    for r in rows:
-        if a.profile:
+    if a.profile:
+        for r in rows:
             print_profile(r)
     return 0
 

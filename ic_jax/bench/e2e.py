@@ -48,6 +48,23 @@ def parse_contexts(text: str, flag: str = "--contexts") -> list[int]:
     return out
 
 
+def add_model_arguments(p: ArgumentParser) -> None:
+    """The model flags of the whole-model benchmarks (e2e, decode); `model_config` reads them."""
+    p.add_argument("--config", default="glm47_flash_dsa", help="preset or config JSON (default glm47_flash_dsa)")
+    p.add_argument("--layers", type=int, help="override num_hidden_layers (quick checks)")
+    p.add_argument("--impl", choices=MODEL_IMPLS, default="auto", help="op implementation (default auto)")
+    p.add_argument("--indexer-fp8", action="store_true",
+                   help="FP8 indexer logits (e4m3, a scale per vector) for top-k selection (default bf16)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def model_config(a):
+    cfg = load_config(a.config)
+    if a.layers:
+        cfg = cfg.replace(num_hidden_layers=a.layers, first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
+    return cfg.replace(indexer_fp8=True) if a.indexer_fp8 else cfg
+
+
 def random_model(cfg, pattern: str, seed: int) -> DSAModel:
     """Random weights made directly on the device (no host copy of the parameters)."""
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: DSAModel(cfg, pattern, nnx.Rngs(seed))))
@@ -100,8 +117,7 @@ def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, ba
 
 def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m ic_jax.bench e2e", description=__doc__)
-    p.add_argument("--config", default="glm47_flash_dsa", help="preset or config JSON (default glm47_flash_dsa)")
-    p.add_argument("--layers", type=int, help="override num_hidden_layers (quick checks)")
+    add_model_arguments(p)
     p.add_argument("--patterns", nargs="+", default=["F", "@configs/patterns/glm47_flash_dsa_1of2.json",
                                                     "@configs/patterns/glm47_flash_dsa_1of4.json"],
                    help="patterns in any --pattern form; speedups are against the first (default: all-F and the "
@@ -110,19 +126,11 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk (default 16384)")
     p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per point (default 32)")
     p.add_argument("--batch", type=int, default=1, help="sequences per request batch (default 1)")
-    p.add_argument("--impl", choices=MODEL_IMPLS, default="auto", help="op implementation (default auto)")
-    p.add_argument("--indexer-fp8", action="store_true",
-                   help="FP8 indexer logits (e4m3, a scale per vector) for top-k selection (default bf16)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     a = p.parse_args(argv)
     if min(a.chunk_size, a.decode_steps, a.batch) < 1 or a.decode_steps < 2:
         p.error("--chunk-size and --batch must be >= 1, --decode-steps >= 2")
-    cfg = load_config(a.config)
-    if a.layers:
-        cfg = cfg.replace(num_hidden_layers=a.layers, first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
-    if a.indexer_fp8:
-        cfg = cfg.replace(indexer_fp8=True)
+    cfg = model_config(a)
     contexts = parse_contexts(a.contexts)
     if max(contexts) + a.decode_steps > cfg.max_position_embeddings:
         raise UserError(f"context {max(contexts)} exceeds max_position_embeddings {cfg.max_position_embeddings}")
