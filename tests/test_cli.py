@@ -12,7 +12,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from ic_jax.bench import decode, roofline, sweep
+from ic_jax.bench import roofline, step, sweep
 from ic_jax.checkpoint import save_checkpoint
 from ic_jax.config import load_config
 from ic_jax.model import DSAModel
@@ -121,23 +121,25 @@ def test_bench_roofline_bad_input_is_one_line_exit_2(tmp_path, content, message,
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_bench_decode_times_each_pattern(tmp_path, capsys):
-    out = tmp_path / "decode.json"
-    assert decode.main(["--config", "tiny", "--patterns", "F", "FSSS", "--context", "100", "--steps", "2",
-                        "--json", str(out)]) == 0
+@pytest.mark.parametrize("chunk", [1, 24])
+def test_bench_step_times_each_pattern(tmp_path, capsys, chunk):
+    out = tmp_path / "step.json"
+    assert step.main(["--config", "tiny", "--patterns", "F", "FSSS", "--context", "100", "--chunk", str(chunk),
+                      "--steps", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["pattern"] for r in rows] == ["F" * 8, "FSSSFSSS"] and [r["indexers"] for r in rows] == [8, 2]
     assert all(r["ms_per_step"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+    assert all(abs(r["tok_s"] - 1e3 * chunk / r["ms_per_step"]) < 1e-6 for r in rows)
     assert "FSSS" in capsys.readouterr().out
 
 
-def test_bench_decode_profile_counts_a_known_program():
+def test_bench_step_profile_counts_a_known_program():
     """Three calls of a program of two ops, a 512^3 matmul and 512^2 sines: two kernels per step, each once, the
     matmul first (on the CPU XLA names it after the library that runs it), the times adding up."""
     x = jnp.ones((512, 512))
     f = jax.jit(lambda x: jnp.sin(x @ x))
     jax.block_until_ready(f(x))
-    prof = decode.device_profile(lambda: [jax.block_until_ready(f(x)) for _ in range(3)], steps=3, top=5)
+    prof = step.device_profile(lambda: [jax.block_until_ready(f(x)) for _ in range(3)], steps=3, top=5)
     assert prof["kernels"] == 2.0 and [k["calls"] for k in prof["top"]] == [1.0, 1.0]
     assert "sin" not in prof["top"][0]["name"] and "sin" in prof["top"][1]["name"]
     assert abs(sum(k["ms"] for k in prof["top"]) - prof["kernel_ms"]) < 1e-9 < prof["kernel_ms"] <= prof["span_ms"]
@@ -148,8 +150,9 @@ def test_bench_decode_profile_counts_a_known_program():
     (["--context", "1k,2k"], "give one length"),
     (["--patterns", "SF", "--context", "100"], "starts with S"),
     (["--context", "200k"], "max_position_embeddings"),
+    (["--context", "100", "--chunk", "0"], "must be >= 1"),
 ])
-def test_bench_decode_bad_input_is_one_line_exit_2(args, message, capsys):
-    assert decode.main(["--config", "tiny", *args]) == 2
+def test_bench_step_bad_input_is_one_line_exit_2(args, message, capsys):
+    assert step.main(["--config", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1

@@ -1,7 +1,7 @@
 """python -m ic_jax.bench COMMAND [flags]: kernels (per-op speed against measured ceilings and XLA), e2e
-(end-to-end prefill and decode per IndexCache pattern), decode (decode steps at a long random cache, with a
-kernel profile), grouped-matmul (the MoE kernels), sweep (kernel tuning variants) or roofline (the kernels JSON
-as a plot). `python -m ic_jax.bench COMMAND --help` for flags."""
+(end-to-end prefill and decode per IndexCache pattern), step (a decode step or a prefill chunk at a long random
+cache, with a kernel profile), grouped-matmul (the MoE kernels), sweep (kernel tuning variants) or roofline (the
+kernels JSON as a plot). `python -m ic_jax.bench COMMAND --help` for flags."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import sys
 
 from ic_jax.errors import ArgumentParser
 
-COMMANDS = {"kernels": "ic_jax.bench.kernels", "e2e": "ic_jax.bench.e2e", "decode": "ic_jax.bench.decode",
+COMMANDS = {"kernels": "ic_jax.bench.kernels", "e2e": "ic_jax.bench.e2e", "step": "ic_jax.bench.step",
             "grouped-matmul": "ic_jax.bench.grouped_matmul", "sweep": "ic_jax.bench.sweep",
             "roofline": "ic_jax.bench.roofline"}
 HELP = {
     "kernels": "time the Pallas kernels (indexer logits, top-k, sparse MLA) at the 30B shapes, beside XLA",
     "e2e": "time chunked prefill and decode of a whole model for several IndexCache patterns",
-    "decode": "time decode steps at a long context (random cache, no prefill); --profile: where the time goes",
+    "step": "time a decode step or a prefill chunk at a long context (random cache); --profile: where time goes",
     "grouped-matmul": "time the MoE grouped and gathered matmuls (Pallas variants) against XLA on the 30B shapes",
     "sweep": "time tuning variants (blocks, warps, stages) of the Pallas GPU kernels, to pick defaults",
     "roofline": "draw the JSON of `kernels --json` as a roofline plot (no GPU needed)",

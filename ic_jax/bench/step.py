@@ -1,12 +1,15 @@
-"""python -m ic_jax.bench decode: decode step time per IndexCache pattern at a long context, without a prefill.
+"""python -m ic_jax.bench step: the time of one decode step, or of one prefill chunk, per IndexCache pattern at a
+long context, without prefilling that context.
 
 Random weights of a preset (default: the 30B GLM-4.7-Flash + DSA shape) are made on the device and the cache
 (`--batch` sequences of `--context` tokens) is filled with random values instead of being prefilled, so a 200K
-point takes seconds where `bench e2e` spends 40 s on the prefill. Each step is the model's `decode_step` (cache
-donated), at positions from `--context` on, timed over `--steps` steps issued back to back, as `generate` runs them;
-speedups are against the first pattern, in the same run. With --profile, three more steps are traced
-(jax.profiler) and the table shows where the device time goes: kernel time and count per step, and the kernels
-(XLA fusions by name, Pallas kernels by function) with the most time.
+point takes seconds where `bench e2e` spends 40 s on the prefill. With `--chunk 1` (the default) each step is the
+model's `decode_step` (cache donated) at positions from `--context` on, timed over `--steps` steps issued back to
+back, as `generate` runs them. With `--chunk N` each step is `prefill_chunk` of N tokens at positions `--context`
+to `--context` + N - 1: the last chunk of a prompt that long, the costliest of a chunked prefill. Speedups are
+against the first pattern, in the same run. With --profile, three more steps are traced (jax.profiler) and the
+table shows where the device time goes: kernel time and count per step, and the kernels (XLA fusions by name,
+Pallas kernels by function) with the most time.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from tqdm import tqdm
 from ic_jax.attention import RunOptions
 from ic_jax.bench.e2e import add_model_arguments, model_config, parse_contexts, random_model
 from ic_jax.checkpoint import atomic_write_text
-from ic_jax.engine import Engine, decode_step
+from ic_jax.engine import Engine, decode_step, prefill_chunk
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.pattern import parse_pattern
 from ic_jax.sampling import Sampling
@@ -46,8 +49,9 @@ def random_cache(cache, seed: int):
 
 
 def device_profile(run, steps: int, top: int) -> dict:
-    """Traces `run()` (which issues `steps` steps and waits) and sums its kernels per step, on the first
-    accelerator, or over the innermost XLA ops of the host's CPU client where there is none."""
+    """Traces `run()` (which issues `steps` steps and waits) and sums its kernels per step: on the first
+    accelerator every kernel of its streams (the nodes of a CUDA graph may overlap, so the kernel time can exceed
+    the span), or the innermost XLA ops of the host's CPU client where there is none."""
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             run()
@@ -55,12 +59,12 @@ def device_profile(run, steps: int, top: int) -> dict:
     planes = list(data.planes)
     device = [p for p in planes if p.name.startswith(("/device:GPU", "/device:TPU"))][:1]
     events = []
-    for plane in device or [p for p in planes if p.name == "/host:CPU"]:
+    for plane in device:
+        events += [ev for line in plane.lines if line.name.startswith("Stream") for ev in line.events]
+    for plane in [] if device else [p for p in planes if p.name == "/host:CPU"]:
         for line in plane.lines:
-            if device and not line.name.startswith(("Stream", "XLA Ops")):
-                continue
-            ops = sorted((ev for ev in line.events if device or "hlo_op" in dict(ev.stats)), key=lambda e: e.start_ns)
-            # leaves only: on the CPU a loop's event encloses those of its body
+            ops = sorted((ev for ev in line.events if "hlo_op" in dict(ev.stats)), key=lambda e: e.start_ns)
+            # leaves only: a loop's event encloses those of its body
             events += [ev for ev, nxt in zip(ops, ops[1:] + [None])
                        if nxt is None or nxt.start_ns >= ev.start_ns + ev.duration_ns]
     if not events:
@@ -77,19 +81,30 @@ def device_profile(run, steps: int, top: int) -> dict:
                     for name, ns in time_ns.most_common(top)]}
 
 
+def cache_length(a) -> int:
+    """Decode advances one position per step (timed, warm-up and profiled); a prefill chunk repeats its positions."""
+    return a.context + (a.chunk if a.chunk > 1 else a.steps + PROFILED_STEPS + 8)
+
+
 def time_pattern(cfg, spec: str, a, opts: RunOptions) -> dict:
     pattern = parse_pattern(spec, cfg.num_hidden_layers)
     t = time.perf_counter()
     engine = Engine(random_model(cfg, pattern, a.seed), opts)
-    cache = random_cache(engine.new_cache(a.batch, a.context + a.steps + PROFILED_STEPS + 8), a.seed)
+    cache = random_cache(engine.new_cache(a.batch, cache_length(a)), a.seed)
     jax.block_until_ready(cache)
     setup_s = time.perf_counter() - t
-    token = jnp.zeros(a.batch, jnp.int32)
     key = jax.random.key(a.seed)
-    state = {"token": token, "cache": cache, "pos": a.context}
+    state = {"token": jnp.zeros(a.batch, jnp.int32), "cache": cache, "pos": a.context}
+    tokens = jnp.zeros((a.batch, a.chunk), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(a.context, a.context + a.chunk, dtype=jnp.int32), tokens.shape)
+    last = jnp.full(a.batch, a.chunk - 1, jnp.int32)
 
     def steps(n: int) -> None:
         for _ in range(n):
+            if a.chunk > 1:
+                state["token"], state["cache"] = prefill_chunk(engine.graphdef, engine.params, tokens, positions,
+                                                               state["cache"], last, opts)
+                continue
             pos = jnp.full(a.batch, state["pos"], jnp.int32)
             state["token"], _, state["cache"] = decode_step(engine.graphdef, engine.params, state["token"], pos,
                                                             state["cache"], key, opts, Sampling())
@@ -104,7 +119,7 @@ def time_pattern(cfg, spec: str, a, opts: RunOptions) -> dict:
     steps(a.steps)
     ms = (time.perf_counter() - t) / a.steps * 1e3
     row = {"pattern": pattern, "spec": spec, "indexers": pattern.count("F"), "ms_per_step": ms,
-           "tok_s": 1e3 / ms, "setup_s": setup_s, "compile_s": compile_s}
+           "tok_s": 1e3 * a.chunk / ms, "setup_s": setup_s, "compile_s": compile_s}
     if a.profile:
         row["profile"] = device_profile(lambda: steps(PROFILED_STEPS), PROFILED_STEPS, a.top)
     return row
@@ -121,47 +136,53 @@ def print_profile(row: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m ic_jax.bench decode", description=__doc__)
+    p = ArgumentParser(prog="python -m ic_jax.bench step", description=__doc__)
     add_model_arguments(p)
     p.add_argument("--patterns", nargs="+", default=["F", "FSSS"],
                    help="patterns in any --pattern form; speedups are against the first (default: F FSSS)")
     p.add_argument("--context", default="200k", help="tokens already in the cache (default 200k)")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--steps", type=int, default=32, help="decode steps timed per pattern (default 32)")
+    p.add_argument("--chunk", type=int, default=1,
+                   help="tokens per step: 1 times decode steps (the default), N > 1 a prefill chunk of N tokens")
+    p.add_argument("--batch", type=int, default=1, help="sequences run together (default 1)")
+    p.add_argument("--steps", type=int,
+                   help="steps timed per pattern (default 32 decode steps, or 3 prefill chunks)")
     p.add_argument("--profile", action="store_true",
                    help="trace 3 more steps and print the kernels with the most device time")
     p.add_argument("--top", type=int, default=25, help="kernels listed per pattern with --profile (default 25)")
     p.add_argument("--json", type=Path, help="write the rows (and profiles) as JSON here")
     a = p.parse_args(argv)
-    if min(a.batch, a.steps, a.top) < 1:
-        p.error("--batch, --steps and --top must be >= 1")
+    if a.steps is None:
+        a.steps = 32 if a.chunk == 1 else 3
+    if min(a.batch, a.chunk, a.steps, a.top) < 1:
+        raise UserError("--batch, --chunk, --steps and --top must be >= 1")
     contexts = parse_contexts(a.context, "--context")
     if len(contexts) != 1:
         raise UserError(f"--context {a.context!r}: give one length, like 200k")
     a.context = contexts[0]
     cfg = model_config(a)
-    if a.context + a.steps + PROFILED_STEPS + 8 > cfg.max_position_embeddings:
-        raise UserError(f"--context {a.context} plus the steps exceeds max_position_embeddings "
-                        f"{cfg.max_position_embeddings}; give a shorter context")
+    if cache_length(a) > cfg.max_position_embeddings:
+        raise UserError(f"--context {a.context} plus the {'chunk' if a.chunk > 1 else 'steps'} exceeds "
+                        f"max_position_embeddings {cfg.max_position_embeddings}; give a shorter context")
     for spec in a.patterns:
         parse_pattern(spec, cfg.num_hidden_layers)  # bad patterns fail before any model is built
     opts = RunOptions.for_impl(a.impl)
     device = jax.devices()[0].device_kind
+    what = "decode step" if a.chunk == 1 else f"prefill chunk of {a.chunk}"
     rows: list[dict] = []
-    for spec in tqdm(a.patterns, desc="decode", unit="pattern"):
+    for spec in tqdm(a.patterns, desc=what, unit="pattern"):
         rows.append(time_pattern(cfg, spec, a, opts))
         rows[-1]["speedup"] = rows[0]["ms_per_step"] / rows[-1]["ms_per_step"]
         if a.json:  # every pattern measured so far, so an interrupted run keeps its numbers
             atomic_write_text(a.json, json.dumps({
                 "device": device, "jax": jax.__version__, "impl": opts.implementation or "auto", "config": a.config,
-                "layers": cfg.num_hidden_layers, "context": a.context, "batch": a.batch,
+                "layers": cfg.num_hidden_layers, "context": a.context, "chunk": a.chunk, "batch": a.batch,
                 "indexer_fp8": cfg.indexer_fp8, "rows": rows}, indent=2))
     print(f"\n{cfg.num_hidden_layers} layers, {device}, jax {jax.__version__}, impl {opts.implementation or 'auto'}, "
-          f"batch {a.batch}, context {a.context}, indexer {'fp8' if cfg.indexer_fp8 else 'bf16'}")
-    print(f"{'pattern':>10} {'indexers':>9} {'ms/step':>8} {'tok/s':>7} {'speedup':>8}")
+          f"batch {a.batch}, context {a.context}, {what}, indexer {'fp8' if cfg.indexer_fp8 else 'bf16'}")
+    print(f"{'pattern':>10} {'indexers':>9} {'ms/step':>9} {'tok/s':>9} {'speedup':>8}")
     for r in rows:
-        print(f"{r['spec'][:10]:>10} {r['indexers']:>5}/{cfg.num_hidden_layers:<3} {r['ms_per_step']:8.2f} "
-              f"{r['tok_s']:7.1f} {r['speedup']:7.2f}x")
+        print(f"{r['spec'][:10]:>10} {r['indexers']:>5}/{cfg.num_hidden_layers:<3} {r['ms_per_step']:9.2f} "
+              f"{r['tok_s']:9.1f} {r['speedup']:7.2f}x")
     if a.profile:
         for r in rows:
             print_profile(r)
