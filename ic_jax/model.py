@@ -107,7 +107,7 @@ class LayerGroup(nnx.Module):
         """Scans the group; `indices` (the last F layer's top-k before this stage) flow through it."""
         graphdef, params = nnx.split(self)
         tags = [k.tag for k in self.stage.kinds]
-        # closed over whole, so that a decode step reads its chosen experts in place (see `MoE.__call__`)
+        # closed over whole, so that the expert kernels read each layer's experts in place (see `MoE.__call__`)
         experts = [(b.ffn.w_gate[...], b.ffn.w_up[...], b.ffn.w_down[...]) if isinstance(b.ffn, MoE) else None
                    for b in self.blocks]
 

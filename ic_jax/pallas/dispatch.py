@@ -35,17 +35,23 @@ def op_implementation(impl: str) -> tuple[str | None, bool]:
     return pallas_name(), backend() == "cpu"
 
 
-def call(op: str, table: dict[str, Callable], args: tuple, *, implementation: str | None, interpret: bool,
-         small: bool = False):
-    """Runs `op` with the chosen implementation. None picks the backend's Pallas kernel, except for
-    `small` (decode-sized) calls on GPU, where one kernel program per row leaves most of the chip idle and
-    XLA measured faster (BENCHMARKS.md, kernels table). An op with no kernel for the requested Pallas backend
-    (the grouped matmul and the FP8 indexer logits on TPU) runs its XLA reference."""
+def resolve(table: dict[str, Callable], implementation: str | None, small: bool = False) -> str:
+    """The implementation `call` runs. None picks the backend's Pallas kernel, except for `small` (decode-sized)
+    calls on GPU, where one kernel program per row leaves most of the chip idle and XLA measured faster
+    (BENCHMARKS.md, kernels table). An op with no kernel for the requested Pallas backend (the grouped matmul and
+    the FP8 indexer logits on TPU) runs its XLA reference."""
     if implementation in ("pallas_gpu", "pallas_tpu") and implementation not in table:
-        implementation = "xla"
+        return "xla"
     if implementation is None:
         cpu_or_small = backend() == "cpu" or (small and backend() == "gpu")
-        implementation = "xla" if cpu_or_small or pallas_name() not in table else pallas_name()
+        return "xla" if cpu_or_small or pallas_name() not in table else pallas_name()
+    return implementation
+
+
+def call(op: str, table: dict[str, Callable], args: tuple, *, implementation: str | None, interpret: bool,
+         small: bool = False):
+    """Runs `op` with the implementation `resolve` picks."""
+    implementation = resolve(table, implementation, small)
     if implementation not in table:
         raise UserError(f"{op}: implementation {implementation!r} is not available; choose from {', '.join(table)}")
     fn = table[implementation]
