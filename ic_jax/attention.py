@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, Int
 from ic_jax import pallas as ops
 from ic_jax.config import ModelConfig
 from ic_jax.pallas.dispatch import op_implementation
+from ic_jax.pallas.topk import seed_block as topk_seed_block
 from ic_jax.layers import LayerNorm, RMSNorm, apply_rope, dtype_of, hadamard, param, rope_inv_freq
 
 
@@ -123,13 +124,18 @@ def select_topk(q: Float[Array, "B T H D"], keys: Float[Array, "L B S D"], w: Fl
     B, T = q_pos.shape
     q, keys, w = jax.lax.stop_gradient((q, keys, w))
 
+    bq = opts.index_block
+    # the block maxima that seed the GPU top-k, written by the GPU indexer kernel with the logits
+    seed = topk_seed_block(B * min(T, bq), keys.shape[-2], topk, opts.implementation)
+
     def block(args):
         qb, wb, pb = args
-        logits = ops.indexer_logits(qb, keys, wb, pb, kv_len, fp8=k_scale is not None, k_scale=k_scale, layer=layer,
-                                    implementation=opts.implementation, interpret=opts.interpret)
-        return ops.topk_indices(logits, topk, implementation=opts.implementation, interpret=opts.interpret)
+        out = ops.indexer_logits(qb, keys, wb, pb, kv_len, fp8=k_scale is not None, k_scale=k_scale, layer=layer,
+                                 block_max=seed, implementation=opts.implementation, interpret=opts.interpret)
+        logits, maxima = out if seed else (out, None)
+        return ops.topk_indices(logits, topk, block_maxima=maxima, implementation=opts.implementation,
+                                interpret=opts.interpret)
 
-    bq = opts.index_block
     if T <= bq:
         return block((q, w, q_pos))
     nb = -(-T // bq)

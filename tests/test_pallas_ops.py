@@ -280,12 +280,14 @@ def test_gpu_sparse_mla_rejects_uneven_latent_chunks():
         mla_op.IMPLEMENTATIONS["pallas_gpu"](*args, 0.5, interpret=True, block_c=12)
 
 
-@pytest.mark.parametrize("segments", [1, 4, None])
-def test_gpu_topk_seeded_rows(segments):
+@pytest.mark.parametrize("segments, given", [(1, None), (4, None), (None, None), (None, 16), (None, 100)])
+def test_gpu_topk_seeded_rows(segments, given):
     """The GPU top-k's three stages on rows longer than its candidate buffer: a seed from block maxima, the
     filter (one program per row, or rows cut into segments that append in turn; None: the default, 16 here),
     the in-register select; rows whose candidates overflow the buffer (ties, short visible prefixes) take the
-    streaming path. Sets against the float64 reference, each row in ascending index order."""
+    streaming path. `given`: the seed's maxima passed in, of that block length (16 as the kernel would take them,
+    100 coarser, with a ragged last block), as the GPU indexer writes them. Sets against the float64 reference,
+    each row in ascending index order."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 8, 1000)).astype(np.float32)
     x[0, 1] += np.linspace(0, 6, 1000, dtype=np.float32)  # rising: the top-k sits in the last blocks
@@ -296,14 +298,55 @@ def test_gpu_topk_seeded_rows(segments):
     x[1, :, 1::3] = -np.inf  # ragged visibility
     x[1, 6] = 2.0  # all tied
     for k in (3, 24):
-        got = np.asarray(topk_op.IMPLEMENTATIONS["pallas_gpu"](jnp.asarray(x), k, interpret=True, cap=64, chunk=32,
-                                                                 segments=segments))
+        maxima = None if given is None else jnp.asarray(numpy_block_maxima(x, given), jnp.float32)
+        got = np.asarray(topk_op.IMPLEMENTATIONS["pallas_gpu"](jnp.asarray(x), k, block_maxima=maxima, interpret=True,
+                                                                 cap=64, chunk=32, segments=segments))
         ref = topk_ref_sets(x, k)
         for b in range(2):
             for t in range(8):
                 row = got[b, t]
                 assert row[row >= 0].tolist() == ref[b, t], (k, b, t)
                 assert (row[len(ref[b, t]):] == -1).all(), (k, b, t)
+
+
+def numpy_block_maxima(x, block):
+    x = np.asarray(x, np.float64)
+    nb = -(-x.shape[-1] // block)
+    pad = np.full(x.shape[:-1] + (nb * block - x.shape[-1],), -np.inf)
+    return np.concatenate([x, pad], -1).reshape(*x.shape[:-1], nb, block).max(-1)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("tq,block_max", [(20, 8), (20, 32), (20, 64), (3, 16)])
+def test_indexer_logits_with_block_maxima(impl, fp8, tq, block_max):
+    """`block_max` adds the maxima of each block of keys per query: on the GPU written by the block kernel with
+    the logits (block_max 8, 32: dividing its 32-key blocks; Tk = 1000 is ragged, Tq = 20 too), computed after the
+    kernel otherwise (64 > the key block; 3 queries: the per-query kernel). The logits are those of the call
+    without it, bit for bit; the maxima those of the logits, on a stacked cache with a traced layer."""
+    rng = np.random.default_rng(tq + block_max)
+    q, k, w, q_pos, kv_len = indexer_inputs(rng, 2, tq, 4, 32, 1000, k_shape=(2, 2, 1000, 32))
+    q_pos[1, -1] = 999
+    args = (q, k, w, jnp.asarray(q_pos), jnp.asarray(kv_len))
+    if impl == "xla":  # through the entry point, which computes the maxima after the reference
+        fn = lambda *a, **kw: il_op.indexer_logits(*a[:5], layer=a[5], fp8=fp8, implementation="xla", **kw)
+    else:  # the GPU kernel with small blocks
+        table = il_op.FP8_IMPLEMENTATIONS if fp8 else il_op.IMPLEMENTATIONS
+        fn = lambda *a, **kw: call("indexer_logits", table, impl, *a[:5], layer=a[5], **kw)
+    run = lambda **kw: jax.jit(functools.partial(fn, **kw))(*args, jnp.int32(1))
+    logits, maxima = run(block_max=block_max)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(run()))
+    assert maxima.shape == (2, tq, -(-1000 // block_max))
+    np.testing.assert_array_equal(np.asarray(maxima, np.float64), numpy_block_maxima(logits, block_max))
+
+
+def test_gpu_block_maxima_lower_to_triton():
+    """The fused maxima (a reshape of the score tile and a max over its last axis) lower to Triton IR for CUDA."""
+    gpu = importlib.import_module("ic_jax.pallas.indexer_logits.gpu")
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in [((1, 64, 4, 64), jnp.bfloat16), ((1, 512, 64), jnp.bfloat16),
+                                                    ((1, 64, 4), jnp.float32), ((1, 64), jnp.int32), ((1,), jnp.int32)]]
+    (module,) = triton_modules(lambda *a: gpu.indexer_logits(*a, block_max=32), *args)
+    assert "tt.reshape" in module and "tensor<64x4x32xf32" in module and '"tt.reduce"' in module
 
 
 def test_bench_gather_rows_sums_the_selected_rows():

@@ -13,18 +13,23 @@ FP8_IMPLEMENTATIONS = {"xla": reference.indexer_logits_fp8, "pallas_gpu": gpu.in
 
 
 def indexer_logits(q, k, w, q_pos, kv_len, *, fp8: bool = False, k_scale=None, layer=None,
-                   implementation: str | None = None, interpret: bool = False):
+                   block_max: int | None = None, implementation: str | None = None, interpret: bool = False):
     """See `reference.indexer_logits` for the contract; `implementation` picks the kernel. `fp8` quantizes q and k
     to e4m3 with a scale per vector (`reference.indexer_logits_fp8`): for top-k selection only, since the
     rounding has no useful gradient (differentiating it raises). With `k_scale` [B, Tk] (and fp8), k is already
     e4m3, as an FP8 key cache holds it, and only q is quantized. With `layer` (an int, traced or not), k is a
     stacked cache [L, B, Tk, D] (k_scale [L, B, Tk]) and k[layer] is scored: the GPU kernel reads it in place,
-    the others slice it."""
+    the others slice it. With `block_max` it returns (logits, `reference.block_maxima(logits, block_max)`), the
+    seed of the GPU top-k (`ic_jax.pallas.topk.seed_block`), which the GPU kernel writes with the logits."""
     if not fp8:
         if k_scale is not None:
             raise ValueError("indexer_logits: k_scale is for pre-quantized keys; pass fp8=True with it")
         op, table, args = "indexer_logits", IMPLEMENTATIONS, (q, k, w, q_pos, kv_len)
     else:
         op, table, args = "indexer_logits_fp8", FP8_IMPLEMENTATIONS, (q, k, w, q_pos, kv_len, k_scale)
-    table = {name: functools.partial(fn, layer=layer) for name, fn in table.items()}
-    return dispatch.call(op, table, args, implementation=implementation, interpret=interpret)
+    table = {name: functools.partial(fn, layer=layer, **({"block_max": block_max} if name == "pallas_gpu" else {}))
+             for name, fn in table.items()}
+    out = dispatch.call(op, table, args, implementation=implementation, interpret=interpret)
+    if block_max and not isinstance(out, tuple):  # an implementation without the fused maxima
+        return out, reference.block_maxima(out, block_max)
+    return out

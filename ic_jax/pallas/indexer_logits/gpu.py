@@ -3,7 +3,9 @@
 Grid (batch, query block, key block). The heads are reduced inside the kernel, one [bq, D] x [D, bk] dot
 per head (ReLU, scale by w, accumulate in fp32), so [Tq, H, Tk] never exists. Key blocks wholly past the
 causal / kv_len limit of their query block write -inf without loading anything. Fewer than 16 queries
-(decode) use a per-query kernel that puts the heads in the dot's rows instead: [H, D] x [D, bk].
+(decode) use a per-query kernel that puts the heads in the dot's rows instead: [H, D] x [D, bk]. With
+`block_max`, the block kernel also writes the maximum of each `block_max`-long run of keys per query, the seed
+of the GPU top-k, which would otherwise read the logits once more.
 
 The keys are read in place: k is the flat [L*B*Tk, D] view of a stacked cache [L, B, Tk, D] (a plain [B, Tk, D] is
 L = 1), passed whole with the layer as a small int32 input, and each key block is a masked load of rows
@@ -28,7 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ic_jax.errors import UserError
 from ic_jax.pallas.common import next_pow2
-from ic_jax.pallas.indexer_logits.reference import fp8_inputs, layer_slice
+from ic_jax.pallas.indexer_logits.reference import block_maxima, fp8_inputs, layer_slice
 
 MIN_DOT_ROWS = 16  # Triton's smallest dot tile
 # (block_k, num_warps, num_stages) by kernel; the block kernel's is the best of a sweep on the H200 (BENCHMARKS.md)
@@ -87,8 +89,9 @@ def _first_row(layer_ref, start, batch: int, tk: int):
 
 
 def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, layer_ref, *refs, heads: int, batch: int, tq: int,
-                  tk: int):
-    *scale_ref, o_ref = refs  # the k scales, on the FP8 path only, then the output
+                  tk: int, fp8: bool, block_max: int | None):
+    # the k scales (FP8 only), the logits, the block maxima (with block_max only)
+    scale_ref, o_ref, max_ref = refs[0] if fp8 else None, refs[int(fp8)], refs[-1] if block_max else None
     bq, bk = o_ref.shape
     start = pl.program_id(2) * bk
     rows = (pl.program_id(1) * bq + jnp.arange(bq, dtype=jnp.int32))[:, None]
@@ -98,9 +101,15 @@ def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, layer_ref, *refs, heads
     limit = jnp.minimum(jnp.max(pos) + 1, kv_len)
     row = _first_row(layer_ref, start, batch, tk)
 
+    def store(out):
+        _store(o_ref, out, rows, cols, tq, tk)
+        if block_max:
+            maxima = jnp.max(out.reshape(bq, bk // block_max, block_max), axis=-1)
+            plgpu.store(max_ref, maxima, mask=jnp.broadcast_to(rows < tq, maxima.shape))
+
     @pl.when(start >= limit)
     def _():
-        _store(o_ref, jnp.full(o_ref.shape, -jnp.inf, jnp.float32), rows, cols, tq, tk)
+        store(jnp.full(o_ref.shape, -jnp.inf, jnp.float32))
 
     @pl.when(start < limit)
     def _():
@@ -113,9 +122,9 @@ def _block_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, layer_ref, *refs, heads
             return acc + jnp.maximum(s, 0.0) * w_ref[:, h].astype(jnp.float32)[:, None]
 
         acc = jax.lax.fori_loop(0, heads, head, jnp.zeros(o_ref.shape, jnp.float32))
-        if scale_ref:
-            acc = acc * _load_rows(scale_ref[0], row, valid)[None, :]
-        _store(o_ref, jnp.where(_visible(pos[:, None], kv_len, cols), acc, -jnp.inf), rows, cols, tq, tk)
+        if fp8:
+            acc = acc * _load_rows(scale_ref, row, valid)[None, :]
+        store(jnp.where(_visible(pos[:, None], kv_len, cols), acc, -jnp.inf))
 
 
 def _query_kernel(q_ref, k_ref, w_ref, pos_ref, len_ref, layer_ref, *refs, batch: int, tk: int):
@@ -149,13 +158,17 @@ def _offsets_wrap(k) -> bool:
     return k.size > 2**31 and k.size * k.dtype.itemsize <= 2**32
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_q", "block_k", "num_warps", "num_stages"))
-def indexer_logits(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, interpret: bool = False, block_q: int = 64,
-                   block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
+@functools.partial(jax.jit, static_argnames=("block_max", "interpret", "block_q", "block_k", "num_warps",
+                                             "num_stages"))
+def indexer_logits(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, block_max: int | None = None,
+                   interpret: bool = False, block_q: int = 64, block_k: int | None = None,
+                   num_warps: int | None = None, num_stages: int | None = None):
     """Same contract as `reference.indexer_logits`; with `k_scale` [B, Tk] every logit of key s is multiplied by
     k_scale[b, s] (the FP8 path). With `layer`, k [L, B, Tk, D] (and k_scale [L, B, Tk]) is read in place, unless
-    its offsets would overrun int32 (`_offsets_wrap`): then the layer is sliced out. Unset tuning knobs take the
-    kernel's defaults above."""
+    its offsets would overrun int32 (`_offsets_wrap`): then the layer is sliced out. With `block_max` (a power of
+    two) it returns (logits, `reference.block_maxima(logits, block_max)`), the maxima written by the block kernel
+    when block_max divides its key block (else computed after it). Unset tuning knobs take the kernel's defaults
+    above."""
     if layer is not None and _offsets_wrap(k):
         k, k_scale, layer = layer_slice(k, layer), layer_slice(k_scale, layer), None
     B, Tq, H, D = q.shape
@@ -178,6 +191,8 @@ def indexer_logits(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, interpre
     out_shape = jax.ShapeDtypeStruct((B, Tq, Tk), jnp.float32)
     whole = pl.BlockSpec()  # k, its scales and the layer: the kernel indexes them (`_first_row`)
     len_spec = pl.BlockSpec((1,), lambda b, i, j: (b,))
+    # maxima written by the block kernel when block_max divides its key block
+    fused = block_max if block_max and Tq >= MIN_DOT_ROWS and bk % block_max == 0 else None
     if Tq < MIN_DOT_ROWS:
         grid = (B, Tq, pl.cdiv(Tk, bk))
         in_specs = [pl.BlockSpec((None, None, H, D), lambda b, i, j: (b, i, 0, 0)), whole,
@@ -191,10 +206,19 @@ def indexer_logits(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, interpre
                     pl.BlockSpec((None, bq, H), lambda b, i, j: (b, i, 0)),
                     pl.BlockSpec((None, bq), lambda b, i, j: (b, i)), len_spec]
         out_spec = pl.BlockSpec((None, bq, bk), lambda b, i, j: (b, i, j))
-        kernel = functools.partial(_block_kernel, heads=H, batch=B, tq=Tq, tk=Tk)
-    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs + [whole] * (1 + len(scales)), out_specs=out_spec,
-                          out_shape=out_shape, compiler_params=params,
-                          interpret=interpret)(q, k, w, q_pos, kv_len, layer, *scales)
+        kernel = functools.partial(_block_kernel, heads=H, batch=B, tq=Tq, tk=Tk, fp8=bool(scales), block_max=fused)
+        if fused:
+            per_block = bk // fused
+            out_spec = [out_spec, pl.BlockSpec((None, bq, per_block), lambda b, i, j: (b, i, j))]
+            out_shape = [out_shape, jax.ShapeDtypeStruct((B, Tq, grid[2] * per_block), jnp.float32)]
+    out = pl.pallas_call(kernel, grid=grid, in_specs=in_specs + [whole] * (1 + len(scales)), out_specs=out_spec,
+                         out_shape=out_shape, compiler_params=params,
+                         interpret=interpret)(q, k, w, q_pos, kv_len, layer, *scales)
+    if not block_max:
+        return out
+    if fused:  # whole key blocks: those past Tk are all -inf
+        return out[0], out[1][..., :pl.cdiv(Tk, block_max)]
+    return out, block_maxima(out, block_max)
 
 
 def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, **kwargs):

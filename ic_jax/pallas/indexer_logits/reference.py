@@ -76,6 +76,15 @@ def fp8_inputs(q: Float[Array, "B Tq H D"], k: Float[Array, "B Tk D"], w: Float[
     return q8, k8, w.astype(jnp.float32) * q_scale, k_scale
 
 
+def block_maxima(logits: Float[Array, "B Tq Tk"], block: int) -> Float[Array, "B Tq nb"]:
+    """The maximum of each `block`-long run of keys per query (the last run ragged): the seed of the GPU top-k,
+    which the GPU kernel computes as it writes the logits."""
+    B, Tq, Tk = logits.shape
+    nb = -(-Tk // block)
+    padded = jnp.pad(logits, [(0, 0), (0, 0), (0, nb * block - Tk)], constant_values=-jnp.inf)
+    return padded.reshape(B, Tq, nb, block).max(-1)
+
+
 def layer_slice(x: Array | None, layer) -> Array | None:
     """x[layer] of a stacked cache [L, ...]; x itself when `layer` (or x) is None."""
     return x if layer is None or x is None else jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)

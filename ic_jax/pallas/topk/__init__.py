@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from ic_jax.pallas import dispatch
 from ic_jax.pallas.topk import gpu, reference, tpu
 
@@ -12,8 +14,22 @@ SMALL_ROWS, LONG_ROW = 16, 32768
 IMPLEMENTATIONS = {"xla": reference.topk_indices, "pallas_gpu": gpu.topk_indices, "pallas_tpu": tpu.topk_indices}
 
 
-def topk_indices(logits, k: int, *, implementation: str | None = None, interpret: bool = False):
-    """See `reference.topk_indices` for the contract; kernels may return each row's set in another order."""
-    B, Tq, Tk = logits.shape
-    return dispatch.call("topk", IMPLEMENTATIONS, (logits, k), implementation=implementation, interpret=interpret,
-                         small=B * Tq < SMALL_ROWS and Tk < LONG_ROW)
+def topk_indices(logits, k: int, *, block_maxima=None, implementation: str | None = None, interpret: bool = False):
+    """See `reference.topk_indices` for the contract; kernels may return each row's set in another order.
+    `block_maxima`: from `indexer_logits(..., block_max=seed_block(...))`, the GPU kernel's seed (others ignore it)."""
+    table = {**IMPLEMENTATIONS, "pallas_gpu": functools.partial(gpu.topk_indices, block_maxima=block_maxima)}
+    return dispatch.call("topk", table, (logits, k), implementation=implementation, interpret=interpret,
+                         small=_small(logits.shape))
+
+
+def seed_block(rows: int, tk: int, k: int, implementation: str | None = None) -> int | None:
+    """For `rows` rows of `tk` logits: the block length whose maxima the implementation that `topk_indices` runs
+    would compute (only the GPU kernel takes them), or None."""
+    if dispatch.resolve(IMPLEMENTATIONS, implementation, small=_small((1, rows, tk))) != "pallas_gpu":
+        return None
+    return gpu.seed_block(tk, k)
+
+
+def _small(shape) -> bool:
+    B, Tq, Tk = shape
+    return B * Tq < SMALL_ROWS and Tk < LONG_ROW

@@ -1,8 +1,9 @@
 """Top-k selection on GPU: seed, filter, select; Pallas with the Triton lowering.
 
-1. Seed: the maxima of `b`-long blocks of each row (XLA), then the k-th largest of those maxima `t`
-   (kernel, in registers). Any k blocks hold k values >= their maxima, so at least k values are >= t,
-   and every top-k value is. `b` is the smallest power of two that leaves at most `cap` maxima.
+1. Seed: the maxima of `b`-long blocks of each row (XLA, or given: the GPU indexer kernel writes them with the
+   logits), then the k-th largest of those maxima `t` (kernel, in registers). Any k blocks hold k values >= their
+   maxima, so at least k values are >= t, and every top-k value is. `b` (`seed_block`) is the smallest power of
+   two that leaves at most `cap` maxima.
 2. Filter: one program per row streams it once and appends every value >= t, in index order, to a
    buffer of `cap` candidates (about 2.5k for k = 2048 at 200K on random logits). No loop-carried state but the
    write offset, so the program is light and many run per multiprocessor. With few rows (decode), each row is
@@ -30,6 +31,14 @@ from ic_jax.pallas.common import NEG_INF_KEY, next_pow2, order_key, prev_pow2
 INT_MIN = jnp.iinfo(jnp.int32).min
 INT_MAX = jnp.iinfo(jnp.int32).max
 TARGET_PROGRAMS = 256  # with few rows, the filter splits each row into segments to reach about this many programs
+CAP = 8192  # candidates per row, by default
+
+
+def seed_block(tk: int, k: int, cap: int = CAP) -> int | None:
+    """The block length whose maxima seed rows of `tk` values, or None where no seed is taken (every value fits
+    the buffer, or fewer than k blocks)."""
+    b = next_pow2(pl.cdiv(tk, cap))
+    return None if b == 1 or tk // b < k else b
 
 
 def _count(key, valid, t):
@@ -159,7 +168,7 @@ def _stream_kernel(x_ref, todo_ref, o_ref, key_ref, idx_ref, *, k: int, chunk: i
         o_ref[...] = jnp.where(jnp.arange(kp) < m, idx_ref[pl.ds(0, kp)], -1)
 
 
-def _per_row(kernel, args, out_widths, num_warps: int, interpret: bool, segments: int = 1):
+def _per_row(kernel, args, out_widths, num_warps: int, interpret: bool, segments: int = 1, num_stages: int = 1):
     """`segments` programs per row of 2-D int32/float32 arrays; every block is a whole row."""
     row = lambda r, s: (r, 0)
     rows = args[0].shape[0]
@@ -168,19 +177,21 @@ def _per_row(kernel, args, out_widths, num_warps: int, interpret: bool, segments
         in_specs=[pl.BlockSpec((None, a.shape[1]), row) for a in args],
         out_specs=[pl.BlockSpec((None, w), row) for w in out_widths],
         out_shape=[jax.ShapeDtypeStruct((rows, w), jnp.int32) for w in out_widths],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "interpret", "cap", "chunk", "segments", "num_warps",
-                                             "select_warps"))
-def topk_indices(logits, k: int, *, interpret: bool = False, cap: int = 8192, chunk: int = 2048,
-                 segments: int | None = None, num_warps: int = 4, select_warps: int = 4):
+                                             "num_stages", "select_warps"))
+def topk_indices(logits, k: int, *, block_maxima=None, interpret: bool = False, cap: int = CAP, chunk: int = 2048,
+                 segments: int | None = None, num_warps: int = 4, num_stages: int = 1, select_warps: int = 4):
     """Same set as `reference.topk_indices` (ties to the lower index), in ascending index order per row.
-    `cap` (a power of two): candidates per row; `chunk`: elements per streaming step; `segments`: filter
-    programs per row (default: about TARGET_PROGRAMS in all); `num_warps` for the streaming kernels,
-    `select_warps` for the in-register selects."""
+    `block_maxima` [B, Tq, n]: the maxima of disjoint blocks of each row (any blocks, those past `cap` unused),
+    taken as the seed's instead of computing them. `cap` (a power of two): candidates per row; `chunk`: elements
+    per streaming step; `segments`: filter
+    programs per row (default: about TARGET_PROGRAMS in all); `num_warps` for the streaming kernels and
+    `num_stages` for the count and filter streams' pipelined loads, `select_warps` for the in-register selects."""
     B, Tq, Tk = logits.shape
     rows = logits.reshape(B * Tq, Tk).astype(jnp.float32)
     kp = next_pow2(k)
@@ -188,21 +199,25 @@ def topk_indices(logits, k: int, *, interpret: bool = False, cap: int = 8192, ch
     nchunks = pl.cdiv(Tk, chunk)
     segments = prev_pow2(min(segments or max(1, TARGET_PROGRAMS // (B * Tq)), nchunks))
     per_segment = pl.cdiv(nchunks, segments)
-    b = next_pow2(pl.cdiv(Tk, cap))
-    if b == 1 or Tk // b < k:  # every value fits, or too few blocks for a seed: keep all finite values
+    maxima = None
+    if block_maxima is not None:  # any blocks give a valid seed: those past the buffer are left out
+        maxima = block_maxima.reshape(B * Tq, -1)[:, :cap].astype(jnp.float32)
+    elif (b := seed_block(Tk, k, cap)) is not None:
+        maxima = rows[:, :Tk // b * b].reshape(B * Tq, -1, b).max(-1)  # a ragged tail is left out
+    if maxima is None or maxima.shape[1] < k:  # every value fits, or too few blocks: keep all finite values
         seed = jnp.full((B * Tq, 1), NEG_INF_KEY + 1, jnp.int32)
     else:
-        blocks = Tk // b  # a ragged tail is left out: any k blocks give a valid seed
-        maxima = rows[:, :blocks * b].reshape(-1, blocks, b).max(-1)
+        blocks = maxima.shape[1]
         maxima = jnp.pad(maxima, ((0, 0), (0, cap - blocks)), constant_values=-jnp.inf)
         (seed,) = _per_row(functools.partial(_seed_kernel, k=k, blocks=blocks), [maxima], [1], select_warps, interpret)
     counts = jnp.zeros((B * Tq, 1), jnp.int32)
     if segments > 1:  # a first pass counts each segment's hits, so that each appends after the earlier ones
         (counts,) = _per_row(functools.partial(_count_kernel, chunk=chunk, per_segment=per_segment), [rows, seed],
-                             [segments], num_warps, interpret, segments)
+                             [segments], num_warps, interpret, segments, num_stages)
     cand_key, cand_idx, counts = _per_row(
         functools.partial(_filter_kernel, chunk=chunk, per_segment=per_segment),
-        [rows, seed, jnp.cumsum(counts, axis=1) - counts], [2 * cap, 2 * cap, segments], num_warps, interpret, segments)
+        [rows, seed, jnp.cumsum(counts, axis=1) - counts], [2 * cap, 2 * cap, segments], num_warps, interpret, segments,
+        num_stages)
     n = jnp.sum(counts, axis=1, keepdims=True)
     (out,) = _per_row(functools.partial(_select_kernel, k=k), [cand_key, cand_idx, n], [next_pow2(kp + cap)],
                       select_warps, interpret)
