@@ -13,16 +13,22 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from ic_jax.bench.kernels import SCALE, TOPK, attempt, indexer_inputs, mla_inputs, parse_sizes, rel_err, same_sets
+from ic_jax.bench.kernels import (SCALE, TOPK, attempt, fp8_cache_args, indexer_inputs, mla_inputs, parse_sizes,
+                                  rel_err, same_sets)
 from ic_jax.bench.timing import print_table, write_json
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.pallas.indexer_logits import gpu as indexer_gpu, reference as indexer_ref
+from ic_jax.pallas.indexer_logits.reference import fp8_inputs
 from ic_jax.pallas.sparse_mla import gpu as mla_gpu, reference as mla_ref
 from ic_jax.pallas.topk import gpu as topk_gpu, reference as topk_ref
 
 VARIANTS = {  # op -> keyword settings tried; the first is the kernel's default (None or absent: the kernel's own)
     "indexer": [dict(block_k=bk, num_warps=w, num_stages=s) for bk, w, s in
                 [(None, None, None), (256, 8, 2), (128, 4, 2), (128, 8, 3), (64, 4, 3), (256, 4, 3)]],
+    # the FP8 kernel (e4m3 q and keys: half the shared memory per tile of bf16's), with query blocks too
+    "indexer_fp8": [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=s) for bq, bk, w, s in
+                    [(64, None, None, None), (64, 128, 4, 4), (64, 128, 4, 5), (64, 256, 4, 3), (64, 256, 8, 3),
+                     (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (32, 128, 4, 4)]],
     "mla": [dict(block_h=bh, block_k=bk, block_c=bc, num_warps=w, num_stages=s) for bh, bk, bc, w, s in
             [(None, 64, None, None, None), (32, 64, 128, 4, 2), (32, 64, 64, 4, 3), (32, 64, 256, 4, 3),
              (32, 64, 512, 4, 3), (32, 32, 128, 4, 3), (16, 64, 128, 4, 3), (32, 64, 128, 8, 3)]],
@@ -30,15 +36,21 @@ VARIANTS = {  # op -> keyword settings tried; the first is the kernel's default 
                     [(4096, 2048, 4, 4), (8192, 1024, 4, 4), (8192, 2048, 8, 4), (8192, 2048, 4, 8),
                      (16384, 2048, 4, 8)]]
             # the filter's segments per row (1: one program per row) for few rows (decode)
-            + [dict(segments=1), dict(chunk=512), dict(chunk=512, segments=64)],
+            + [dict(segments=1), dict(chunk=512), dict(chunk=512, segments=64)]
+            # loads of the filter's stream pipelined over 2-3 chunks
+            + [dict(num_stages=2), dict(num_stages=3), dict(num_stages=2, chunk=1024), dict(num_stages=2, num_warps=8)],
 }
-KERNELS = {"indexer": indexer_gpu.indexer_logits, "mla": functools.partial(mla_gpu.sparse_mla, scale=SCALE),
+KERNELS = {"indexer": indexer_gpu.indexer_logits, "indexer_fp8": indexer_gpu.indexer_logits, "mla": functools.partial(mla_gpu.sparse_mla, scale=SCALE),
            "topk": functools.partial(topk_gpu.topk_indices, k=TOPK)}
 
 
 def inputs(op: str, tq: int, tk: int):
     if op == "indexer":
         return indexer_inputs(1, tq, tk)
+    if op == "indexer_fp8":  # as the model calls the kernel: q quantized, keys from the FP8 key cache
+        q, k8, w, pos, kv_len, k_scale = fp8_cache_args(*indexer_inputs(1, tq, tk))
+        q8, _, wq, _ = fp8_inputs(q, k8, w, k_scale)
+        return q8, k8, wq, pos, kv_len, k_scale
     if op == "mla":
         return mla_inputs(1, tq, tk)
     q, k, w, pos, kv_len = indexer_inputs(1, tq, tk)
@@ -50,6 +62,10 @@ def check(op: str, args) -> float | bool:
     got = KERNELS[op](*args)
     if op == "indexer":
         return rel_err(got, jax.jit(indexer_ref.indexer_logits)(*args))
+    if op == "indexer_fp8":  # the formula on the dequantized e4m3 inputs, in XLA
+        q8, k8, wq, pos, kv_len, k_scale = args
+        ref = jax.jit(indexer_ref.indexer_logits)(q8.astype(jnp.float32), k8.astype(jnp.float32), wq, pos, kv_len)
+        return rel_err(got, ref * k_scale[:, None, :])
     if op == "mla":
         return rel_err(got[0], jax.jit(functools.partial(mla_ref.sparse_mla, scale=SCALE))(*args)[0])
     return same_sets(got, jax.jit(functools.partial(topk_ref.topk_indices, k=TOPK))(*args))
@@ -59,12 +75,13 @@ def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m ic_jax.bench sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--tk", default="200k", help="context length (default 200k)")
     p.add_argument("--chunks", default="2048,16384", help="prefill queries per call (default 2048,16384)")
-    p.add_argument("--ops", default="indexer,mla,topk", help="subset of indexer,mla,topk (default all)")
+    p.add_argument("--ops", default="indexer,mla,topk", help="subset of indexer,indexer_fp8,mla,topk (default "
+                                                              "indexer,mla,topk)")
     p.add_argument("--json", type=Path, help="write the rows and the device as JSON here")
     a = p.parse_args(argv)
     ops = [o for o in a.ops.split(",") if o]
     if not ops or set(ops) - set(VARIANTS):
-        raise UserError(f"--ops {a.ops!r}: choose from indexer,mla,topk")
+        raise UserError(f"--ops {a.ops!r}: choose from {','.join(VARIANTS)}")
     sizes, chunks = parse_sizes(a.tk), parse_sizes(a.chunks)
     if len(sizes) != 1:
         raise UserError(f"--tk {a.tk!r}: the sweep runs at one context length; give one, like 200k")
