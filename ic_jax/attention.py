@@ -133,8 +133,9 @@ def select_topk(q: Float[Array, "B T H D"], keys: Float[Array, "L B S D"], w: Fl
         out = ops.indexer_logits(qb, keys, wb, pb, kv_len, fp8=k_scale is not None, k_scale=k_scale, layer=layer,
                                  block_max=seed, implementation=opts.implementation, interpret=opts.interpret)
         logits, maxima = out if seed else (out, None)
-        return ops.topk_indices(logits, topk, block_maxima=maxima, implementation=opts.implementation,
-                                interpret=opts.interpret)
+        visible = jnp.minimum(pb + 1, kv_len[:, None])  # the keys past it are -inf: the GPU top-k skips them
+        return ops.topk_indices(logits, topk, lengths=visible, block_maxima=maxima,
+                                implementation=opts.implementation, interpret=opts.interpret)
 
     if T <= bq:
         return block((q, w, q_pos))

@@ -280,14 +280,17 @@ def test_gpu_sparse_mla_rejects_uneven_latent_chunks():
         mla_op.IMPLEMENTATIONS["pallas_gpu"](*args, 0.5, interpret=True, block_c=12)
 
 
-@pytest.mark.parametrize("segments, given", [(1, None), (4, None), (None, None), (None, 16), (None, 100)])
-def test_gpu_topk_seeded_rows(segments, given):
+@pytest.mark.parametrize("segments, given, lengths", [(1, None, False), (4, None, False), (None, None, False),
+                                                      (None, 16, False), (None, 100, False), (4, None, True),
+                                                      (None, 16, True)])
+def test_gpu_topk_seeded_rows(segments, given, lengths):
     """The GPU top-k's three stages on rows longer than its candidate buffer: a seed from block maxima, the
     filter (one program per row, or rows cut into segments that append in turn; None: the default, 16 here),
     the in-register select; rows whose candidates overflow the buffer (ties, short visible prefixes) take the
     streaming path. `given`: the seed's maxima passed in, of that block length (16 as the kernel would take them,
-    100 coarser, with a ragged last block), as the GPU indexer writes them. Sets against the float64 reference,
-    each row in ascending index order."""
+    100 coarser, with a ragged last block), as the GPU indexer writes them. `lengths`: each row's visible length
+    passed (its last finite value + 1; 150 and 600 for the short rows), so the filter stops there. Sets against
+    the float64 reference, each row in ascending index order."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 8, 1000)).astype(np.float32)
     x[0, 1] += np.linspace(0, 6, 1000, dtype=np.float32)  # rising: the top-k sits in the last blocks
@@ -299,8 +302,10 @@ def test_gpu_topk_seeded_rows(segments, given):
     x[1, 6] = 2.0  # all tied
     for k in (3, 24):
         maxima = None if given is None else jnp.asarray(numpy_block_maxima(x, given), jnp.float32)
-        got = np.asarray(topk_op.IMPLEMENTATIONS["pallas_gpu"](jnp.asarray(x), k, block_maxima=maxima, interpret=True,
-                                                                 cap=64, chunk=32, segments=segments))
+        visible = np.array([[np.flatnonzero(np.isfinite(r)).max(initial=-1) + 1 for r in b] for b in x], np.int32)
+        got = np.asarray(topk_op.IMPLEMENTATIONS["pallas_gpu"](
+            jnp.asarray(x), k, lengths=jnp.asarray(visible) if lengths else None, block_maxima=maxima,
+            interpret=True, cap=64, chunk=32, segments=segments))
         ref = topk_ref_sets(x, k)
         for b in range(2):
             for t in range(8):
@@ -360,6 +365,50 @@ def test_bench_gather_rows_sums_the_selected_rows():
         t = np.asarray(table, np.float64)
         ref = np.stack([t[b][idx[b]].sum(1) for b in range(2)])  # [B, Tq, C]
         np.testing.assert_allclose(np.asarray(g), np.broadcast_to(ref[:, :, None], g.shape), rtol=1e-5, atol=1e-4)
+
+
+def test_gpu_topk_seed_follows_the_visible_length():
+    """16 rows that see only the start of a wide row (the first chunks of a long prefill): the seed's blocks follow
+    the longest visible length of the call: 32 keys (the top level, from the given maxima, as the indexer writes
+    them) for rows that see nearly all 2000, 8 and 4 for rows that see 300-460 and 120-150, over their first
+    cap * b values. Each row then has at least k maxima, so a seed (32-key blocks would leave the shortest rows
+    4-5); the sets are the float64 reference's."""
+    rng = np.random.default_rng(12)
+    gpu = importlib.import_module("ic_jax.pallas.topk.gpu")
+    for (lo, hi), b in [((120, 150), 4), ((300, 460), 8), ((1700, 2000), 32)]:
+        visible = np.linspace(lo, hi, 16).astype(np.int32)
+        x = rng.standard_normal((1, 16, 2000)).astype(np.float32)
+        x[np.arange(2000)[None, None] >= visible[None, :, None]] = -np.inf
+        maxima = jnp.asarray(numpy_block_maxima(x, 32), jnp.float32)
+        rows = jnp.asarray(x[0])
+        seed = np.asarray(gpu._seed_maxima(rows, jnp.asarray(visible[:, None]), 24, 64, maxima))
+        assert seed.shape == (16, 64) and np.isfinite(seed).sum(1).tolist() == [-(-v // b) for v in visible]
+        got = np.asarray(gpu.topk_indices(jnp.asarray(x), 24, lengths=jnp.asarray(visible[None]), block_maxima=maxima,
+                                          interpret=True, cap=64, chunk=32))
+        ref = topk_ref_sets(x, 24)
+        for t in range(16):
+            row = got[0, t]
+            assert row[row >= 0].tolist() == ref[0, t], (lo, hi, t)
+
+
+def test_gpu_topk_filter_reads_no_further_than_lengths():
+    """With 16 rows or more the filter stops at each row's length: values past it (which the model never has:
+    its invisible keys are -inf) are not selected even when larger than all others. The seed here comes whole
+    from the given maxima of the visible values (the lengths call for the top level), so nothing else reads
+    the rows."""
+    rng = np.random.default_rng(9)
+    visible = rng.integers(1700, 2001, (2, 8)).astype(np.int32)
+    x = rng.standard_normal((2, 8, 2000)).astype(np.float32)
+    hidden = np.arange(2000)[None, None] >= visible[..., None]
+    maxima = jnp.asarray(numpy_block_maxima(np.where(hidden, -np.inf, x), 16), jnp.float32)
+    got = np.asarray(topk_op.IMPLEMENTATIONS["pallas_gpu"](
+        jnp.asarray(np.where(hidden, x + 100.0, x)), 24, lengths=jnp.asarray(visible), block_maxima=maxima,
+        interpret=True, cap=128, chunk=32))
+    ref = topk_ref_sets(np.where(hidden, -np.inf, x), 24)
+    for b in range(2):
+        for t in range(8):
+            row = got[b, t]
+            assert row[row >= 0].tolist() == ref[b, t], (b, t)
 
 
 def test_entry_points_dispatch():

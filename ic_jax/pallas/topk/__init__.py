@@ -14,10 +14,14 @@ SMALL_ROWS, LONG_ROW = 16, 32768
 IMPLEMENTATIONS = {"xla": reference.topk_indices, "pallas_gpu": gpu.topk_indices, "pallas_tpu": tpu.topk_indices}
 
 
-def topk_indices(logits, k: int, *, block_maxima=None, implementation: str | None = None, interpret: bool = False):
+def topk_indices(logits, k: int, *, lengths=None, block_maxima=None, implementation: str | None = None,
+                 interpret: bool = False):
     """See `reference.topk_indices` for the contract; kernels may return each row's set in another order.
-    `block_maxima`: from `indexer_logits(..., block_max=seed_block(...))`, the GPU kernel's seed (others ignore it)."""
-    table = {**IMPLEMENTATIONS, "pallas_gpu": functools.partial(gpu.topk_indices, block_maxima=block_maxima)}
+    `lengths` [B, Tq]: each row holds only -inf from there on (the keys its query does not see; the caller's
+    promise), so the GPU kernel need not read further. `block_maxima`: from
+    `indexer_logits(..., block_max=seed_block(...))`, the GPU kernel's seed. The others ignore both."""
+    table = {**IMPLEMENTATIONS,
+             "pallas_gpu": functools.partial(gpu.topk_indices, lengths=lengths, block_maxima=block_maxima)}
     return dispatch.call("topk", table, (logits, k), implementation=implementation, interpret=interpret,
                          small=_small(logits.shape))
 

@@ -4,8 +4,8 @@
    logits), then the k-th largest of those maxima `t` (kernel, in registers). Any k blocks hold k values >= their
    maxima, so at least k values are >= t, and every top-k value is. `b` (`seed_block`) is the smallest power of
    two that leaves at most `cap` maxima.
-2. Filter: one program per row streams it once and appends every value >= t, in index order, to a
-   buffer of `cap` candidates (about 2.5k for k = 2048 at 200K on random logits). No loop-carried state but the
+2. Filter: one program per row streams it once (up to its visible length, when given for many rows) and
+   appends every value >= t, in index order, to a buffer of `cap` candidates (about 2.5k for k = 2048 at 200K on random logits). No loop-carried state but the
    write offset, so the program is light and many run per multiprocessor. With few rows (decode), each row is
    cut into segments, one program each: a first pass counts each segment's hits, and the second appends them
    after the earlier segments' (the same buffer, the same order).
@@ -32,6 +32,7 @@ INT_MIN = jnp.iinfo(jnp.int32).min
 INT_MAX = jnp.iinfo(jnp.int32).max
 TARGET_PROGRAMS = 256  # with few rows, the filter splits each row into segments to reach about this many programs
 CAP = 8192  # candidates per row, by default
+FEW_ROWS = 16  # fewer rows (decode): `lengths` unused, no run-time choice of the seed's blocks (its cost is fixed)
 
 
 def seed_block(tk: int, k: int, cap: int = CAP) -> int | None:
@@ -95,37 +96,39 @@ def _seed_kernel(maxima_ref, t_ref, *, k: int, blocks: int):
     t_ref[...] = jnp.full(t_ref.shape, jnp.maximum(t, NEG_INF_KEY + 1), jnp.int32)
 
 
-def _segment_hits(x_ref, t, chunk: int, per_segment: int, visit=None):
+def _segment_hits(x_ref, t, length, chunk: int, per_segment: int, visit=None):
     """Counts the values >= t in this program's segment of the row (chunks s * per_segment, ... of it, s the
-    second grid index), calling visit(key, idx, hit, hits so far) on each chunk."""
+    second grid index), calling visit(key, idx, hit, hits so far) on each chunk. Values from `length` on do not
+    count, and chunks wholly past it are not read."""
     nchunks = pl.cdiv(x_ref.shape[0], chunk)
     first = pl.program_id(1) * per_segment
+    steps = jnp.clip(pl.cdiv(length, chunk) - first, 0, per_segment)
 
     def step(i, n):
         c = first + i
         idx, key, new = _chunk(x_ref, jnp.minimum(c, nchunks - 1), chunk)
-        hit = (key >= t) & new & (c < nchunks)
+        hit = (key >= t) & new & (idx < length)
         if visit is not None:
             visit(key, idx, hit, n)
         return n + jnp.sum(hit.astype(jnp.int32))
 
-    return jax.lax.fori_loop(0, per_segment, step, jnp.int32(0))
+    return jax.lax.fori_loop(0, steps, step, jnp.int32(0))
 
 
 def _store_count(n_ref, n):
     plgpu.store(n_ref.at[pl.ds(pl.program_id(1), 1)], jnp.full((1,), n, jnp.int32))
 
 
-def _count_kernel(x_ref, t_ref, n_ref, *, chunk: int, per_segment: int):
-    _store_count(n_ref, _segment_hits(x_ref, t_ref[0], chunk, per_segment))
+def _count_kernel(x_ref, t_ref, len_ref, n_ref, *, chunk: int, per_segment: int):
+    _store_count(n_ref, _segment_hits(x_ref, t_ref[0], len_ref[0], chunk, per_segment))
 
 
-def _filter_kernel(x_ref, t_ref, off_ref, key_ref, idx_ref, n_ref, *, chunk: int, per_segment: int):
+def _filter_kernel(x_ref, t_ref, len_ref, off_ref, key_ref, idx_ref, n_ref, *, chunk: int, per_segment: int):
     """Appends the segment's values >= t, in index order, from slot off[s] on, and counts them (past cap:
     counted, not stored: the count tells the overflow)."""
     cap = key_ref.shape[0] // 2
     off = off_ref[pl.program_id(1)]
-    _store_count(n_ref, _segment_hits(x_ref, t_ref[0], chunk, per_segment,
+    _store_count(n_ref, _segment_hits(x_ref, t_ref[0], len_ref[0], chunk, per_segment,
                                       lambda key, idx, hit, n: _append(key_ref, idx_ref, key, idx, hit, off + n, cap)))
 
 
@@ -168,6 +171,35 @@ def _stream_kernel(x_ref, todo_ref, o_ref, key_ref, idx_ref, *, k: int, chunk: i
         o_ref[...] = jnp.where(jnp.arange(kp) < m, idx_ref[pl.ds(0, kp)], -1)
 
 
+def _seed_maxima(rows, lengths, k: int, cap: int, block_maxima):
+    """[rows, cap] block maxima for the seed (-inf padded), or None where rows of this width need no seed. The
+    block length follows the longest visible length of the call, not the row width: rows that see fewer than
+    k * seed_block(width) keys (the first chunks of a long prefill into a cache sized for all of it) would have
+    fewer than k blocks, no seed, and overflow the buffer. So one of the lengths 2, 4, ..., seed_block(width) is
+    taken at run time (a switch), the shorter ones over the rows' first cap * b values, where all of their
+    visible values lie; the longest from `block_maxima` when given. Without `lengths`, the longest."""
+    R, Tk = rows.shape
+    top = seed_block(Tk, k, cap)
+    if top is None:
+        return None
+
+    def level(b: int):
+        def maxima():
+            if b == top and block_maxima is not None:
+                m = block_maxima.reshape(R, -1)[:, :cap].astype(jnp.float32)
+            else:  # a ragged tail is left out: any blocks give a valid seed
+                m = rows[:, :min(Tk, cap * b) // b * b].reshape(R, -1, b).max(-1)
+            return jnp.pad(m, ((0, 0), (0, cap - m.shape[1])), constant_values=-jnp.inf)
+        return maxima
+
+    if lengths is None:
+        return level(top)()
+    levels = [functools.partial(jnp.full, (R, cap), -jnp.inf, jnp.float32)]  # 0: every visible value fits
+    levels += [level(2**i) for i in range(1, top.bit_length())]
+    need = pl.cdiv(jnp.max(lengths), cap)  # the level: ceil(log2(need)), at most the top
+    return jax.lax.switch(jnp.minimum(32 - jax.lax.clz(jnp.maximum(need, 1) - 1), len(levels) - 1), levels)
+
+
 def _per_row(kernel, args, out_widths, num_warps: int, interpret: bool, segments: int = 1, num_stages: int = 1):
     """`segments` programs per row of 2-D int32/float32 arrays; every block is a whole row."""
     row = lambda r, s: (r, 0)
@@ -184,9 +216,12 @@ def _per_row(kernel, args, out_widths, num_warps: int, interpret: bool, segments
 
 @functools.partial(jax.jit, static_argnames=("k", "interpret", "cap", "chunk", "segments", "num_warps",
                                              "num_stages", "select_warps"))
-def topk_indices(logits, k: int, *, block_maxima=None, interpret: bool = False, cap: int = CAP, chunk: int = 2048,
-                 segments: int | None = None, num_warps: int = 4, num_stages: int = 1, select_warps: int = 4):
+def topk_indices(logits, k: int, *, lengths=None, block_maxima=None, interpret: bool = False, cap: int = CAP,
+                 chunk: int = 2048, segments: int | None = None, num_warps: int = 4, num_stages: int = 1,
+                 select_warps: int = 4):
     """Same set as `reference.topk_indices` (ties to the lower index), in ascending index order per row.
+    `lengths` [B, Tq]: row (b, t) holds only -inf from lengths[b, t] on (the keys a query does not see; the
+    caller's promise): with FEW_ROWS rows or more, the filter reads no further and the seed's blocks follow them.
     `block_maxima` [B, Tq, n]: the maxima of disjoint blocks of each row (any blocks, those past `cap` unused),
     taken as the seed's instead of computing them. `cap` (a power of two): candidates per row; `chunk`: elements
     per streaming step; `segments`: filter
@@ -199,25 +234,24 @@ def topk_indices(logits, k: int, *, block_maxima=None, interpret: bool = False, 
     nchunks = pl.cdiv(Tk, chunk)
     segments = prev_pow2(min(segments or max(1, TARGET_PROGRAMS // (B * Tq)), nchunks))
     per_segment = pl.cdiv(nchunks, segments)
-    maxima = None
-    if block_maxima is not None:  # any blocks give a valid seed: those past the buffer are left out
-        maxima = block_maxima.reshape(B * Tq, -1)[:, :cap].astype(jnp.float32)
-    elif (b := seed_block(Tk, k, cap)) is not None:
-        maxima = rows[:, :Tk // b * b].reshape(B * Tq, -1, b).max(-1)  # a ragged tail is left out
-    if maxima is None or maxima.shape[1] < k:  # every value fits, or too few blocks: keep all finite values
+    if lengths is not None and B * Tq >= FEW_ROWS:
+        lengths = jnp.clip(lengths.reshape(B * Tq, 1).astype(jnp.int32), 0, Tk)
+    else:
+        lengths = None
+    maxima = _seed_maxima(rows, lengths, k, cap, block_maxima)
+    lengths = jnp.full((B * Tq, 1), Tk, jnp.int32) if lengths is None else lengths
+    if maxima is None:  # every value fits, or too few blocks: keep all finite values
         seed = jnp.full((B * Tq, 1), NEG_INF_KEY + 1, jnp.int32)
     else:
-        blocks = maxima.shape[1]
-        maxima = jnp.pad(maxima, ((0, 0), (0, cap - blocks)), constant_values=-jnp.inf)
-        (seed,) = _per_row(functools.partial(_seed_kernel, k=k, blocks=blocks), [maxima], [1], select_warps, interpret)
+        (seed,) = _per_row(functools.partial(_seed_kernel, k=k, blocks=cap), [maxima], [1], select_warps, interpret)
     counts = jnp.zeros((B * Tq, 1), jnp.int32)
     if segments > 1:  # a first pass counts each segment's hits, so that each appends after the earlier ones
-        (counts,) = _per_row(functools.partial(_count_kernel, chunk=chunk, per_segment=per_segment), [rows, seed],
-                             [segments], num_warps, interpret, segments, num_stages)
+        (counts,) = _per_row(functools.partial(_count_kernel, chunk=chunk, per_segment=per_segment),
+                             [rows, seed, lengths], [segments], num_warps, interpret, segments, num_stages)
     cand_key, cand_idx, counts = _per_row(
         functools.partial(_filter_kernel, chunk=chunk, per_segment=per_segment),
-        [rows, seed, jnp.cumsum(counts, axis=1) - counts], [2 * cap, 2 * cap, segments], num_warps, interpret, segments,
-        num_stages)
+        [rows, seed, lengths, jnp.cumsum(counts, axis=1) - counts], [2 * cap, 2 * cap, segments], num_warps,
+        interpret, segments, num_stages)
     n = jnp.sum(counts, axis=1, keepdims=True)
     (out,) = _per_row(functools.partial(_select_kernel, k=k), [cand_key, cand_idx, n], [next_pow2(kp + cap)],
                       select_warps, interpret)
