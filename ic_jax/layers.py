@@ -158,7 +158,7 @@ class MoE(nnx.Module):
     def __call__(self, x: Float[Array, "... D"], implementation: str = "xla", interpret: bool = False,
                  stacked: tuple | None = None) -> Float[Array, "... D"]:
         """`stacked` (w_gate, w_up, w_down, layer): inside a scan over stacked layers, the stacks [R, E, ...] and
-        this layer's index (`layer` as the expert matmuls take it). The expert kernels then read this layer's weights in place from the stacks (see
+        this layer's index. The expert kernels then read this layer's weights in place from the stacks (see
         `ic_jax.pallas.grouped_matmul`)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])

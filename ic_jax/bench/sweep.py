@@ -38,9 +38,11 @@ VARIANTS = {  # op -> keyword settings tried; the first is the kernel's default 
             # the filter's segments per row (1: one program per row) for few rows (decode)
             + [dict(segments=1), dict(chunk=512), dict(chunk=512, segments=64)]
             # loads of the filter's stream pipelined over 2-3 chunks
-            + [dict(num_stages=2), dict(num_stages=3), dict(num_stages=2, chunk=1024), dict(num_stages=2, num_warps=8)],
+            + [dict(num_stages=2), dict(num_stages=3), dict(num_stages=2, chunk=1024),
+               dict(num_stages=2, num_warps=8)],
 }
-KERNELS = {"indexer": indexer_gpu.indexer_logits, "indexer_fp8": indexer_gpu.indexer_logits, "mla": functools.partial(mla_gpu.sparse_mla, scale=SCALE),
+KERNELS = {"indexer": indexer_gpu.indexer_logits, "indexer_fp8": indexer_gpu.indexer_logits,
+           "mla": functools.partial(mla_gpu.sparse_mla, scale=SCALE),
            "topk": functools.partial(topk_gpu.topk_indices, k=TOPK)}
 
 

@@ -2,13 +2,15 @@
 
 1. Seed: the maxima of `b`-long blocks of each row (XLA, or given: the GPU indexer kernel writes them with the
    logits), then the k-th largest of those maxima `t` (kernel, in registers). Any k blocks hold k values >= their
-   maxima, so at least k values are >= t, and every top-k value is. `b` (`seed_block`) is the smallest power of
-   two that leaves at most `cap` maxima.
+   maxima, so at least k values are >= t, and every top-k value is. `b` is the smallest power of two that leaves
+   at most `cap` maxima of the row (`seed_block`), or, with the rows' visible lengths given for many rows, of the
+   call's longest visible part (`_seed_maxima`).
 2. Filter: one program per row streams it once (up to its visible length, when given for many rows) and
-   appends every value >= t, in index order, to a buffer of `cap` candidates (about 2.5k for k = 2048 at 200K on random logits). No loop-carried state but the
-   write offset, so the program is light and many run per multiprocessor. With few rows (decode), each row is
-   cut into segments, one program each: a first pass counts each segment's hits, and the second appends them
-   after the earlier segments' (the same buffer, the same order).
+   appends every value >= t, in index order, to a buffer of `cap` candidates (about 2.5k for k = 2048 at 200K on
+   random logits). No loop-carried state but the write offset, so the program is light and many run per
+   multiprocessor. With few rows (decode), each row is cut into segments, one program each: a first pass counts
+   each segment's hits, and the second appends them after the earlier segments' (the same buffer, the same
+   order).
 3. Select: the candidates sit in registers; a bisection on the int32 order key finds the k-th largest,
    and ties at the cut go to the lower index.
 Rows whose candidates overflow `cap` (heavy ties, rows with fewer than k blocks of visible values)
