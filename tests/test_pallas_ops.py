@@ -260,6 +260,21 @@ def test_gpu_fp8_dots_take_hopper_mma():
     assert "f8E4M3FN" in dots[1][0] and f"maxNumImpreciseAcc = {D} : i32" in dots[1][0]
 
 
+def test_gpu_decode_indexer_dot_has_the_keys_as_rows():
+    """The per-query (decode) kernel's dot, in its Triton IR exported for CUDA here on the CPU: keys as rows, heads
+    as columns ([256, D] x [D, 32]: at least the 64 rows of Hopper's warpgroup MMA; 32 heads as rows are not), the
+    fp8 one with maxNumImpreciseAcc set."""
+    gpu = importlib.import_module("ic_jax.pallas.indexer_logits.gpu")
+    B, Tq, H, D, Tk = 1, 1, 32, 128, 1024
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in [((B, Tq, H, D), jnp.bfloat16), ((B, Tk, D), jnp.bfloat16),
+                                                    ((B, Tq, H), jnp.float32), ((B, Tq), jnp.int32), ((B,), jnp.int32)]]
+    modules = [m for fn in (gpu.indexer_logits, gpu.indexer_logits_fp8) for m in triton_modules(fn, *args)]
+    dots = [[line for line in m.splitlines() if "tt.dot" in line] for m in modules]
+    assert len(dots) == 2 and all(len(d) == 1 for d in dots)
+    assert all(f"-> tensor<256x{H}xf32" in d[0] for d in dots), dots
+    assert f"maxNumImpreciseAcc = {D} : i32" in dots[1][0]
+
+
 def test_gpu_decode_splits_match_unsplit():
     """The split-K decode path (partial results merged by log-sum-exp) equals one program per query."""
     rng = np.random.default_rng(1)
