@@ -246,33 +246,22 @@ def test_gpu_reads_stacked_keys_in_place(fp8, tq):
         assert "stablehlo.dynamic_slice" in ops_on(lowered(5, 1, 4_000_000), f"5x1x4000000x128x{k_type}")
 
 
-def test_gpu_fp8_dots_take_hopper_mma():
-    """The Triton IR of the GPU indexer, exported for CUDA here on the CPU: its fp8 dots carry
-    maxNumImpreciseAcc = D (without it Triton runs them upcast on the Ampere MMA), its bf16 dots do not."""
+@pytest.mark.parametrize("tq, heads, dim, tk, result", [(64, 4, 64, 256, "64x128"), (1, 32, 128, 1024, "256x32")])
+def test_gpu_indexer_dots_take_hopper_mma(tq, heads, dim, tk, result):
+    """The Triton IR of the GPU indexer, exported for CUDA here on the CPU, bf16 and fp8: the block kernel's dot is
+    [64 queries, D] x [D, 128 keys]; the per-query (decode) kernel's has the keys as rows, [256 keys, D] x [D, 32
+    heads] (at least the 64 rows of Hopper's warpgroup MMA, which 32 heads as rows are not). The fp8 dots carry
+    maxNumImpreciseAcc = D (without it Triton runs them upcast on the Ampere MMA), the bf16 dots do not."""
     gpu = importlib.import_module("ic_jax.pallas.indexer_logits.gpu")
-    B, Tq, H, D, Tk = 1, 64, 4, 64, 256
-    args = [jax.ShapeDtypeStruct(s, t) for s, t in [((B, Tq, H, D), jnp.bfloat16), ((B, Tk, D), jnp.bfloat16),
-                                                    ((B, Tq, H), jnp.float32), ((B, Tq), jnp.int32), ((B,), jnp.int32)]]
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in [((1, tq, heads, dim), jnp.bfloat16), ((1, tk, dim), jnp.bfloat16),
+                                                    ((1, tq, heads), jnp.float32), ((1, tq), jnp.int32),
+                                                    ((1,), jnp.int32)]]
     modules = [m for fn in (gpu.indexer_logits, gpu.indexer_logits_fp8) for m in triton_modules(fn, *args)]
     dots = [[line for line in m.splitlines() if "tt.dot" in line] for m in modules]
     assert len(dots) == 2 and all(len(d) == 1 for d in dots)
+    assert all(f"-> tensor<{result}xf32" in d[0] for d in dots), dots
     assert "bf16" in dots[0][0] and "maxNumImpreciseAcc" not in dots[0][0]
-    assert "f8E4M3FN" in dots[1][0] and f"maxNumImpreciseAcc = {D} : i32" in dots[1][0]
-
-
-def test_gpu_decode_indexer_dot_has_the_keys_as_rows():
-    """The per-query (decode) kernel's dot, in its Triton IR exported for CUDA here on the CPU: keys as rows, heads
-    as columns ([256, D] x [D, 32]: at least the 64 rows of Hopper's warpgroup MMA; 32 heads as rows are not), the
-    fp8 one with maxNumImpreciseAcc set."""
-    gpu = importlib.import_module("ic_jax.pallas.indexer_logits.gpu")
-    B, Tq, H, D, Tk = 1, 1, 32, 128, 1024
-    args = [jax.ShapeDtypeStruct(s, t) for s, t in [((B, Tq, H, D), jnp.bfloat16), ((B, Tk, D), jnp.bfloat16),
-                                                    ((B, Tq, H), jnp.float32), ((B, Tq), jnp.int32), ((B,), jnp.int32)]]
-    modules = [m for fn in (gpu.indexer_logits, gpu.indexer_logits_fp8) for m in triton_modules(fn, *args)]
-    dots = [[line for line in m.splitlines() if "tt.dot" in line] for m in modules]
-    assert len(dots) == 2 and all(len(d) == 1 for d in dots)
-    assert all(f"-> tensor<256x{H}xf32" in d[0] for d in dots), dots
-    assert f"maxNumImpreciseAcc = {D} : i32" in dots[1][0]
+    assert "f8E4M3FN" in dots[1][0] and f"maxNumImpreciseAcc = {dim} : i32" in dots[1][0]
 
 
 def test_gpu_decode_splits_match_unsplit():
