@@ -134,14 +134,15 @@ def test_bench_step_times_each_pattern(tmp_path, capsys, chunk):
 
 
 def test_bench_step_profile_counts_a_known_program():
-    """Three calls of a program of two ops, a 512^3 matmul and 512^2 sines: two kernels per step, each once, the
-    matmul first (on the CPU XLA names it after the library that runs it), the times adding up."""
+    """Three calls of a program of two ops, a 512^3 matmul and 512^2 sines: two kernels per step, each once, one
+    of them the sines (on the CPU XLA names the matmul after the library that runs it), the times adding up. Which
+    takes longer is left open: on a loaded 2-core machine the order of the two changes."""
     x = jnp.ones((512, 512))
     f = jax.jit(lambda x: jnp.sin(x @ x))
     jax.block_until_ready(f(x))
     prof = step.device_profile(lambda: [jax.block_until_ready(f(x)) for _ in range(3)], steps=3, top=5)
     assert prof["kernels"] == 2.0 and [k["calls"] for k in prof["top"]] == [1.0, 1.0]
-    assert "sin" not in prof["top"][0]["name"] and "sin" in prof["top"][1]["name"]
+    assert sorted("sin" in k["name"] for k in prof["top"]) == [False, True]
     assert abs(sum(k["ms"] for k in prof["top"]) - prof["kernel_ms"]) < 1e-9 < prof["kernel_ms"] <= prof["span_ms"]
 
 
