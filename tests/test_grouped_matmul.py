@@ -22,6 +22,20 @@ def numpy_reference(x, w, sizes):
     return out
 
 
+def numpy_gathered(x, w, groups):
+    return np.stack([x[i].astype(np.float64) @ w[g].astype(np.float64) for i, g in enumerate(groups)])
+
+
+def check_bf16(fn, impls, x, w, routing, ref):
+    """fn(x, w, routing) in bf16 on every implementation: a bf16 result within 2% of the float64 `ref`."""
+    for impl in impls:
+        out = fn(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), routing, implementation=impl,
+                 interpret=True)
+        assert out.dtype == jnp.bfloat16
+        err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
+        assert err < 2e-2, (impl, err)
+
+
 def check(impl, sizes, M, K, N, seed, **blocks):
     rng = np.random.default_rng(seed)
     sizes = np.asarray(sizes, np.int32)
@@ -64,13 +78,7 @@ def test_bf16_output_dtype():
     x = rng.standard_normal((32, 32)).astype(np.float32)
     w = rng.standard_normal((2, 32, 16)).astype(np.float32)
     sizes = np.array([20, 12], np.int32)
-    ref = numpy_reference(x, w, sizes)
-    for impl in IMPLS:
-        out = grouped_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), sizes,
-                             implementation=impl, interpret=True)
-        assert out.dtype == jnp.bfloat16
-        err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
-        assert err < 2e-2, (impl, err)
+    check_bf16(grouped_matmul, IMPLS, x, w, sizes, numpy_reference(x, w, sizes))
 
 
 @pytest.mark.parametrize("impl", list(GATHERED_IMPLEMENTATIONS))
@@ -93,7 +101,7 @@ def test_gathered_matches_numpy(impl, M, K, N, blocks):
         out = gpu.gathered_matmul(x, w, groups, interpret=True, **blocks)
     else:
         out = gathered_matmul(x, w, groups, implementation=impl, interpret=True)
-    ref = np.stack([x[i].astype(np.float64) @ w[g].astype(np.float64) for i, g in enumerate(groups)])
+    ref = numpy_gathered(x, w, groups)
     out = np.asarray(out)
     assert out.shape == (M, N) and out.dtype == np.float32
     assert np.linalg.norm(out - ref) <= 1e-5 * np.linalg.norm(ref)
@@ -104,13 +112,7 @@ def test_gathered_bf16():
     x = rng.standard_normal((4, 96)).astype(np.float32)
     w = rng.standard_normal((5, 96, 80)).astype(np.float32)
     groups = np.array([4, 0, 4, 2], np.int32)
-    ref = np.stack([x[i].astype(np.float64) @ w[g].astype(np.float64) for i, g in enumerate(groups)])
-    for impl in GATHERED_IMPLEMENTATIONS:
-        out = gathered_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), groups,
-                              implementation=impl, interpret=True)
-        assert out.dtype == jnp.bfloat16
-        err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
-        assert err < 2e-2, (impl, err)
+    check_bf16(gathered_matmul, GATHERED_IMPLEMENTATIONS, x, w, groups, numpy_gathered(x, w, groups))
 
 
 @pytest.mark.parametrize("op", ["grouped", "gathered"])
@@ -132,7 +134,7 @@ def test_layer_of_a_stack_matches_numpy(op, impl):
         else:
             out = jax.jit(lambda w, l: gathered_matmul(x, w, groups, layer=l, implementation=impl,
                                                        interpret=True))(w, layer)
-            ref = np.stack([x[i].astype(np.float64) @ w[layer, g].astype(np.float64) for i, g in enumerate(groups)])
+            ref = numpy_gathered(x, w[layer], groups)
         assert np.linalg.norm(np.asarray(out) - ref) <= 1e-5 * np.linalg.norm(ref), (layer, op, impl)
 
 
