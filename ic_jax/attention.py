@@ -9,8 +9,6 @@ and its top-k picks the keys that MLA attends to.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,27 +16,9 @@ from jaxtyping import Array, Float, Int
 
 from ic_jax import pallas as ops
 from ic_jax.config import ModelConfig
-from ic_jax.pallas.dispatch import op_implementation
 from ic_jax.pallas.topk import seed_block as topk_seed_block
 from ic_jax.layers import LayerNorm, RMSNorm, apply_rope, dtype_of, hadamard, param, rope_inv_freq
-
-
-@dataclasses.dataclass(frozen=True)
-class RunOptions:
-    """Static choices for one compiled forward: op implementation and block sizes."""
-
-    implementation: str | None = "xla"  # xla | pallas_gpu | pallas_tpu | None (each op picks per call)
-    interpret: bool = False  # run Pallas kernels in interpret mode (CPU)
-    index_block: int = 256  # queries per indexer block: logits are [block, Tk] at a time
-    remat: bool = False  # rematerialise each layer group in the backward pass
-    collect: bool = False  # training/analysis: dense masked attention, and per-layer aux (see `dense_attention`)
-
-    @classmethod
-    def for_impl(cls, impl: str = "auto") -> "RunOptions":
-        """Options for a model-level --impl choice (auto | xla | pallas) on the current backend."""
-        implementation, interpret = op_implementation(impl)
-        on_accelerator = jax.default_backend() != "cpu"
-        return cls(implementation=implementation, interpret=interpret, index_block=2048 if on_accelerator else 256)
+from ic_jax.run_options import RunOptions
 
 
 class MLA(nnx.Module):
