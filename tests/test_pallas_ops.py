@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from ic_jax.errors import UserError
-from ic_jax.pallas.common import triton_modules
 from ic_jax.pallas.indexer_logits.reference import quantize_fp8
+from ic_jax.pallas.triton_lowering import triton_modules
 
 # the op packages (ic_jax.pallas re-exports their functions under the same names)
 il_op = importlib.import_module("ic_jax.pallas.indexer_logits")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import export
-from jax._src.pallas.triton import pallas_call_registration
 from jax.experimental.pallas import tpu as pltpu
 
 NEG_INF_KEY = -(2**31) + 0x7FFFFF  # order_key(-inf): finite values (logits hold no NaN) have larger keys
@@ -33,22 +31,3 @@ def tpu_interpret(interpret: bool):
     """interpret=True runs a TPU kernel on CPU in the TPU interpreter, which raises on out-of-bounds reads."""
     return pltpu.InterpretParams(out_of_bounds_reads="raise") if interpret else False
 
-
-def triton_modules(fn, *args) -> list[str]:
-    """The Triton IR of every Pallas GPU kernel in `jax.jit(fn)(*args)`, as text: the call is exported for CUDA
-    (any machine will do; `args` may be shapes) while the Pallas-to-Triton lowering is wrapped to keep its modules."""
-    lowering = pallas_call_registration.lowering
-    lower, modules = lowering.lower_jaxpr_to_triton_module, []
-
-    def keep(*a, **kw):
-        result = lower(*a, **kw)
-        modules.append(result.module.operation.get_asm())
-        return result
-
-    lowering.lower_jaxpr_to_triton_module = keep
-    try:
-        export.export(jax.jit(fn), platforms=["cuda"],
-                      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-    finally:
-        lowering.lower_jaxpr_to_triton_module = lower
-    return modules

@@ -14,7 +14,7 @@ L = 1), passed whole with the layer as a small int32 input, and each key block i
 
 FP8 (`indexer_logits_fp8`): the same kernels on e4m3 q and k (the contraction D must be a multiple of 32), the
 q scales folded into w and the k scales applied after the head sum. The dots of both kernels run on Hopper's fp8
-warpgroup MMA (see `_fp8_dots_on_hopper_mma`).
+warpgroup MMA (`triton_lowering.fp8_dot_params`).
 """
 
 from __future__ import annotations
@@ -23,49 +23,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax._src.lib.mlir import ir
-from jax._src.pallas.triton import pallas_call_registration
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from ic_jax.errors import UserError
 from ic_jax.pallas.common import next_pow2
 from ic_jax.pallas.indexer_logits.reference import block_maxima, fp8_inputs, layer_slice
+from ic_jax.pallas.triton_lowering import fp8_dot_params
 
 MIN_DOT_ROWS = 16  # Triton's smallest dot tile
 # (block_k, num_warps, num_stages) by kernel; the block kernel's is the best of a sweep on the H200 (BENCHMARKS.md)
 BLOCK_TUNING = (128, 4, 3)
 QUERY_TUNING = (256, 8, 2)
-
-
-def _fp8_dots_on_hopper_mma(lower):
-    """Pallas builds Triton dots without `maxNumImpreciseAcc` (so 0), and for fp8 operands with an fp32 result
-    Triton then refuses Hopper's warpgroup MMA: it upcasts them to fp16 for the Ampere MMA (SASS: F2FP...UNPACK_B
-    and HMMA.16816 where the bf16 kernel has HGMMA), 1.7x slower than bf16. This wraps jax's internal
-    Pallas-to-Triton lowering (once, at import) to set it on every fp8 dot to the dot's contraction length: one MMA
-    accumulation chain per dot, added to the fp32 accumulator after it (DeepGEMM promotes every 128 too). The SASS
-    then has QGMMA and the kernel runs 1.4x faster than bf16 (BENCHMARKS.md). Other dots are left alone."""
-    def lower_with_fp8_dots(*args, **kwargs):
-        result = lower(*args, **kwargs)
-
-        def visit(op):
-            if op.name == "tt.dot" and "f8" in str(op.operands[0].type):
-                k = ir.RankedTensorType(op.operands[0].type).shape[-1]
-                op.attributes["maxNumImpreciseAcc"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), k)
-            return ir.WalkResult.ADVANCE
-
-        result.module.operation.walk(visit)
-        return result
-
-    lower_with_fp8_dots.fp8_dots = True
-    return lower_with_fp8_dots
-
-
-_lowering = pallas_call_registration.lowering
-# a jax without this hook keeps the slow (correct) fp8 dots; tests/test_pallas_ops.py fails on it
-if hasattr(_lowering, "lower_jaxpr_to_triton_module") and not getattr(_lowering.lower_jaxpr_to_triton_module,
-                                                                       "fp8_dots", False):
-    _lowering.lower_jaxpr_to_triton_module = _fp8_dots_on_hopper_mma(_lowering.lower_jaxpr_to_triton_module)
 
 
 def _visible(pos, kv_len, cols):
@@ -187,7 +156,7 @@ def indexer_logits(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, block_ma
     scales = () if k_scale is None else (k_scale.astype(jnp.float32).reshape(-1),)
     layer = jnp.zeros(1, jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
     kv_len = kv_len.astype(jnp.int32)
-    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    params = (fp8_dot_params if scales else plgpu.CompilerParams)(num_warps=num_warps, num_stages=num_stages)
     out_shape = jax.ShapeDtypeStruct((B, Tq, Tk), jnp.float32)
     whole = pl.BlockSpec()  # k, its scales and the layer: the kernel indexes them (`_first_row`)
     len_spec = pl.BlockSpec((1,), lambda b, i, j: (b,))
