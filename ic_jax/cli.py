@@ -1,0 +1,190 @@
+"""The command-line layer every `python -m ic_jax.<command>` shares: one-line errors with exit code 2, flag types
+that name their flag, one size parser, UTF-8 input reading and the flags that mean the same in every command."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import re
+import sys
+from pathlib import Path
+
+from ic_jax.errors import UserError
+from ic_jax.pallas.dispatch import MODEL_IMPLS
+
+IMPL_HELP = ("op implementation: auto = Pallas kernels on GPU/TPU (XLA for decode-sized calls where it measured "
+             "faster), XLA on CPU; xla = the jnp references; pallas = always the kernels (interpret mode on CPU, slow)")
+SIZE_HELP = "k = 1000, Ki = 1024, M = 10^6, Mi = 2^20"
+MAX_SEED = 2**31 - 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage stays available through --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def entry(main):
+    """Wraps a `main(argv) -> int` so that bad input ends the process with one line and exit code 2: a UserError,
+    and the device running out of memory (the message names what to lower)."""
+
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - only the out-of-memory kind is caught, the rest re-raised
+            if "RESOURCE_EXHAUSTED" not in str(e) and not isinstance(e, MemoryError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: out of memory ({first[:200]}); lower --batch, --seq-len, --chunk-size or the context, "
+                  f"or use more devices", file=sys.stderr)
+        return 2
+
+    return wrapped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# flag types: argparse reports their ArgumentTypeError as "argument --flag: <message>"
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def positive_int(text: str) -> int:
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def seed(text: str) -> int:
+    v = _int(text)
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {v}")
+    return v
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = _float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v:g}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    v = _float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v:g}")
+    return v
+
+
+def fraction(low_open: bool = False, high_open: bool = False):
+    """A number in [0, 1], with either end open."""
+
+    def parse(text: str) -> float:
+        v = _float(text)
+        if v < 0 or v > 1 or (low_open and v == 0) or (high_open and v == 1):
+            interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {v:g}")
+        return v
+
+    return parse
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)(k|ki|m|mi)?$")
+_UNITS = {None: 1, "k": 1000, "ki": 1024, "m": 10**6, "mi": 2**20}
+
+
+def parse_size(text: str) -> int:
+    """'200k' -> 200000, '128Ki' -> 131072, '1.5M' -> 1500000, '4096' -> 4096; at least 1."""
+    m = _SIZE.match(text.strip().lower())
+    value = float(m.group(1)) * _UNITS[m.group(2)] if m else 0
+    if not m or value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write a whole number of tokens like 4096, "
+                                         f"200k or 128Ki ({SIZE_HELP})")
+    return int(value)
+
+
+def size_list(text: str) -> list[int]:
+    """A comma-separated list of sizes, like '10k,60k,200k'."""
+    parts = [p for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more sizes like 10k,60k,200k ({SIZE_HELP})")
+    return [parse_size(p) for p in parts]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shared flags
+
+
+def add_impl_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--impl", choices=MODEL_IMPLS, default="auto", help=IMPL_HELP + " (default auto)")
+
+
+def add_seed_argument(p: argparse.ArgumentParser, default: int = 0, what: str = "random init and sampling") -> None:
+    p.add_argument("--seed", type=seed, default=default, help=f"seed for {what} (default {default})")
+
+
+def check_context(length: int, cfg, flag: str) -> None:
+    """A sequence length the model's positions cover; checked before any work, since longer ones never finish."""
+    if length > cfg.max_position_embeddings:
+        raise UserError(f"{flag} {length} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings}); "
+                        f"lower {flag}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading input
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
+                        f"convert it, e.g. with iconv -t utf-8") from None
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a file the user named; `what` names it in the error ("prompt file x.txt")."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} not found")
+    if not path.is_file():
+        raise UserError(f"{what} is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{what} cannot be read ({e.strerror})") from None
+    return decode_utf8(data, what)
+
+
+def read_stdin() -> str:
+    return decode_utf8(sys.stdin.buffer.read(), "standard input")
