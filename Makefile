@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_MODEL := $(if $(wildcard checkpoints/default/config.json),--ckpt checkpoints/default,--config tiny --init random)
+DEMO_MODEL := $(if $(wildcard ic_jax/checkpoints/default/config.json),--ckpt ic_jax/checkpoints/default,--config tiny --init random)
 
 .PHONY: demo test bench-kernels bench-e2e clean
 

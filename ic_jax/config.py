@@ -10,8 +10,7 @@ from typing import Any
 
 from ic_jax.cli import read_text
 from ic_jax.errors import UserError
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from ic_jax.package_data import CONFIG_DIR, shipped_path
 
 # integer keys that may be 0; every other integer key must be >= 1
 MAY_BE_ZERO = {
@@ -123,14 +122,14 @@ class ModelConfig:
         architectures, ...) are ignored."""
         if not isinstance(d, dict):
             raise UserError(f"{source}: the top level must be a JSON object {{...}}, got {json_type(d)}; "
-                            f"see configs/tiny.json")
+                            f"see ic_jax/configs/tiny.json")
         names = {f.name for f in dataclasses.fields(cls)}
         required = [f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         missing = [k for k in required if k not in d]
         if missing:
             raise UserError(f"{source}: missing keys {', '.join(missing)}; "
-                            f"see configs/tiny.json for a complete example")
+                            f"see ic_jax/configs/tiny.json for a complete example")
         try:
             return cls(**{k: v for k, v in d.items() if k in names})
         except UserError as e:
@@ -289,7 +288,7 @@ def moe_problems(cfg: ModelConfig) -> list[str]:
 
 def load_config(path_or_name: str | Path) -> ModelConfig:
     """Loads a config JSON by path, or a preset by name (`tiny`, `glm47_flash_dsa`, ...)."""
-    p = Path(path_or_name)
+    p = shipped_path(path_or_name)
     if not p.exists() and (CONFIG_DIR / f"{path_or_name}.json").exists():
         p = CONFIG_DIR / f"{path_or_name}.json"
     if not p.exists():

@@ -24,13 +24,12 @@ from ic_jax.config import load_config
 from ic_jax.engine import Engine
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.model import DSAModel, moe_layers
+from ic_jax.package_data import DEFAULT_CKPT
 from ic_jax.pallas.dispatch import MODEL_IMPLS
 from ic_jax.pattern import describe_layout, parse_pattern
 from ic_jax.sampling import Sampling
 from ic_jax.sharding import init_distributed, make_mesh, parse_mesh, shard_model
 from ic_jax.tokenizer import load_tokenizer
-
-DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
 
 PATTERN_HELP = """IndexCache pattern, one of: an F/S string per layer (FSFSSS...); a shorter motif repeated
 and cut to the layer count (FSSS); freq:N or freq:N,offset:M (SGLang/vLLM index_topk_freq rule);

@@ -20,9 +20,9 @@ import dataclasses
 import json
 import math
 import re
-from pathlib import Path
 
 from ic_jax.errors import UserError
+from ic_jax.package_data import shipped_path
 
 
 class PatternError(UserError):
@@ -78,7 +78,7 @@ def parse_pattern(spec: str | None, num_layers: int) -> str:
 
 
 def load_pattern_file(path: str) -> str:
-    p = Path(path)
+    p = shipped_path(path)
     if not p.is_file():
         raise PatternError(f"pattern file {path!r} not found")
     try:

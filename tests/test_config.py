@@ -12,6 +12,7 @@ from flax import nnx
 from ic_jax.config import CONFIG_DIR, ModelConfig, load_config
 from ic_jax.errors import UserError
 from ic_jax.model import DSAModel
+from ic_jax.package_data import DEFAULT_CKPT
 from ic_jax.pattern import parse_pattern
 
 TINY = json.loads((CONFIG_DIR / "tiny.json").read_text())  # 8 layers, first dense, 8 experts in 2 groups, top-2
@@ -146,10 +147,9 @@ def test_rope_scaling_round_trips_and_stays_hashable(tmp_path):
     assert cfg.replace(index_topk=4).rope_scaling_dict == YARN  # replace() passes the stored form back
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.json")) + [Path("checkpoints/default/config.json")],
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.json")) + [DEFAULT_CKPT / "config.json"],
                          ids=lambda p: p.stem)
 def test_presets_and_shipped_checkpoint_load(path):
-    path = Path(__file__).resolve().parent.parent / path
     cfg = load_config(path)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     expected = json.loads(path.read_text())

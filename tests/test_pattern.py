@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from ic_jax.config import load_config
 from ic_jax.errors import UserError
+from ic_jax.package_data import CONFIG_DIR
 from ic_jax.pattern import PatternError, build_stages, parse_pattern
 
-PATTERNS = Path(__file__).resolve().parent.parent / "configs" / "patterns"
+PATTERNS = CONFIG_DIR / "patterns"
 
 layers = st.integers(1, 100)
 
