@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ic_jax.errors import ArgumentParser
+from ic_jax.cli import ArgumentParser
 
 COMMANDS = {"kernels": "ic_jax.bench.kernels", "e2e": "ic_jax.bench.e2e", "step": "ic_jax.bench.step",
             "grouped-matmul": "ic_jax.bench.grouped_matmul", "sweep": "ic_jax.bench.sweep",

@@ -20,14 +20,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ic_jax.attention import RunOptions
-from ic_jax.checkpoint import atomic_write_text
+from ic_jax.cli import SIZE_HELP, ArgumentParser, add_impl_argument, add_seed_argument, entry, positive_int, size_list
 from ic_jax.config import load_config
 from ic_jax.engine import Engine, decode_step, prefill_chunk
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.errors import UserError
 from ic_jax.model import DSAModel
-from ic_jax.pallas.dispatch import MODEL_IMPLS
+from ic_jax.outputs import atomic_write_text, check_output_file
 from ic_jax.pattern import parse_pattern
+from ic_jax.run_options import RunOptions
 from ic_jax.sampling import Sampling
 
 PAPER = {  # context -> (prefill all-F s, prefill 1/4 s, decode all-F tok/s, decode 1/4 tok/s), SGLang on H100
@@ -36,31 +36,19 @@ PAPER = {  # context -> (prefill all-F s, prefill 1/4 s, decode all-F tok/s, dec
 }
 
 
-def parse_contexts(text: str, flag: str = "--contexts") -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        mult = 1000 if part.endswith("k") else 1
-        num = part[:-1] if mult > 1 else part
-        if not num.isdigit() or int(num) < 1:
-            raise UserError(f"{flag} {text!r}: write lengths like 10k,60k,200000")
-        out.append(int(num) * mult)
-    return out
-
-
 def add_model_arguments(p: ArgumentParser) -> None:
-    """The model flags of the whole-model benchmarks (e2e, decode); `model_config` reads them."""
+    """The model flags of the whole-model benchmarks (e2e, step); `model_config` reads them."""
     p.add_argument("--config", default="glm47_flash_dsa", help="preset or config JSON (default glm47_flash_dsa)")
-    p.add_argument("--layers", type=int, help="override num_hidden_layers (quick checks)")
-    p.add_argument("--impl", choices=MODEL_IMPLS, default="auto", help="op implementation (default auto)")
+    p.add_argument("--layers", type=positive_int, help="override num_hidden_layers (quick checks)")
+    add_impl_argument(p)
     p.add_argument("--indexer-fp8", action="store_true",
                    help="FP8 indexer logits (e4m3, a scale per vector) for top-k selection (default bf16)")
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_argument(p, what="the random weights, prompts and cache")
 
 
 def model_config(a):
     cfg = load_config(a.config)
-    if a.layers:
+    if a.layers is not None:
         cfg = cfg.replace(num_hidden_layers=a.layers, first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
     return cfg.replace(indexer_fp8=True) if a.indexer_fp8 else cfg
 
@@ -115,25 +103,34 @@ def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, ba
     return rows
 
 
-def main(argv=None) -> int:
+def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m ic_jax.bench e2e", description=__doc__)
     add_model_arguments(p)
     p.add_argument("--patterns", nargs="+", default=["F", "@configs/patterns/glm47_flash_dsa_1of2.json",
                                                     "@configs/patterns/glm47_flash_dsa_1of4.json"],
                    help="patterns in any --pattern form; speedups are against the first (default: all-F and the "
                         "paper's searched 1/2 and 1/4 patterns)")
-    p.add_argument("--contexts", default="10k,60k,120k,200k", help="prompt lengths (default 10k,60k,120k,200k)")
-    p.add_argument("--chunk-size", type=int, default=16384, help="prefill chunk (default 16384)")
-    p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per point (default 32)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per request batch (default 1)")
+    p.add_argument("--contexts", type=size_list, default="10k,60k,120k,200k",
+                   help=f"prompt lengths ({SIZE_HELP}; default 10k,60k,120k,200k)")
+    p.add_argument("--chunk-size", type=positive_int, default=16384, help="prefill chunk (default 16384)")
+    p.add_argument("--decode-steps", type=positive_int, default=32,
+                   help="decode steps timed per point, at least 2 (default 32)")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences per request batch (default 1)")
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     a = p.parse_args(argv)
-    if min(a.chunk_size, a.decode_steps, a.batch) < 1 or a.decode_steps < 2:
-        p.error("--chunk-size and --batch must be >= 1, --decode-steps >= 2")
+    if a.decode_steps < 2:
+        p.error(f"argument --decode-steps: must be >= 2, got {a.decode_steps}")
+    if a.json:
+        check_output_file(a.json, "--json")
     cfg = model_config(a)
-    contexts = parse_contexts(a.contexts)
-    if max(contexts) + a.decode_steps > cfg.max_position_embeddings:
-        raise UserError(f"context {max(contexts)} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    if max(a.contexts) + a.decode_steps > cfg.max_position_embeddings:
+        raise UserError(f"--contexts {max(a.contexts)} plus --decode-steps {a.decode_steps} exceeds the model's "
+                        f"max_position_embeddings {cfg.max_position_embeddings}; give shorter contexts")
     patterns = [parse_pattern(s, cfg.num_hidden_layers) for s in a.patterns]
     opts = RunOptions.for_impl(a.impl)
     impl = opts.implementation or "auto"
@@ -148,9 +145,9 @@ def main(argv=None) -> int:
                                                   "indexer_fp8": cfg.indexer_fp8,
                                                   "rows": rows + more}, indent=2))
 
-    with tqdm(total=len(patterns) * len(contexts), desc="e2e", unit="point") as bar:
+    with tqdm(total=len(patterns) * len(a.contexts), desc="e2e", unit="point") as bar:
         for pattern in patterns:
-            rows += time_pattern(cfg, pattern, contexts, a, opts, bar, save)
+            rows += time_pattern(cfg, pattern, a.contexts, a, opts, bar, save)
     base = {r["context"]: r for r in rows if r["pattern"] == patterns[0]}
     for r in rows:
         r["prefill_speedup"] = base[r["context"]]["prefill_s"] / r["prefill_s"]
@@ -168,4 +165,4 @@ def main(argv=None) -> int:
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)

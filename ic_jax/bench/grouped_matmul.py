@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ic_jax.bench.timing import measure_ceilings, median_time, write_json
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.cli import ArgumentParser, entry
+from ic_jax.errors import UserError
+from ic_jax.outputs import check_output_file
 from ic_jax.pallas.grouped_matmul import gpu, reference
 
 TOKENS, TOPK, EXPERTS = 8192, 4, 64
@@ -58,6 +60,8 @@ def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m ic_jax.bench grouped-matmul", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, help="write the rows and the device as JSON here")
     a = p.parse_args(argv)
+    if a.json:
+        check_output_file(a.json, "--json")
     if jax.default_backend() != "gpu":
         raise UserError("the grouped-matmul benchmark needs a GPU (its Pallas kernel is Triton-only)")
     rng = np.random.default_rng(0)
@@ -139,4 +143,4 @@ def decode_rows(rng, copy_bytes_s: float) -> list[dict]:
     return out
 
 
-main = cli_entry(main)
+main = entry(main)

@@ -31,8 +31,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ic_jax.bench.flags import positive_int_list, subset
 from ic_jax.bench.timing import measure_ceilings, median_time, print_table, write_json
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, positive_int, size_list
+from ic_jax.errors import UserError
+from ic_jax.outputs import check_output_file
 from ic_jax.pallas import indexer_logits, sparse_mla, topk_indices
 from ic_jax.pallas.dispatch import pallas_name
 from ic_jax.pallas.indexer_logits.reference import quantize_fp8
@@ -46,17 +49,6 @@ COLUMNS = [("op", "op"), ("mode", "mode"), ("tk", "Tk"), ("shape", "B x Tq"), ("
            ("tflops", "TFLOP/s"), ("pct_matmul", "% mm"), ("gbs", "GB/s"), ("pct_copy", "% copy"),
            ("pct_roof", "% roof"),
            ("xla_ms", "XLA ms"), ("speedup", "XLA/pallas")]
-
-
-def parse_sizes(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        num = part[:-1] if part.endswith("k") else part
-        if not num.isdigit() or int(num) < 1:
-            raise UserError(f"--sizes {text!r}: write lengths like 8k,32k,200000")
-        out.append(int(num) * (1024 if part.endswith("k") else 1))
-    return out
 
 
 def rand(key, shape, dtype=jnp.bfloat16):
@@ -258,36 +250,34 @@ def run_size(tk, a, ceil, impl) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m ic_jax.bench kernels", description=__doc__)
-    p.add_argument("--sizes", default="8k,32k,64k,128k,200k", help="context lengths Tk (default 8k,32k,64k,128k,200k)")
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)} (default all)")
-    p.add_argument("--chunk", type=int, default=2048, help="prefill queries per chunk (default 2048)")
-    p.add_argument("--decode-batches", default="1,64", help="decode batch sizes (default 1,64)")
+    p.add_argument("--sizes", type=size_list, default="8Ki,32Ki,64Ki,128Ki,200Ki",
+                   help=f"context lengths Tk ({SIZE_HELP}; default 8Ki,32Ki,64Ki,128Ki,200Ki)")
+    p.add_argument("--ops", type=subset(OPS), default=",".join(OPS),
+                   help=f"comma-separated subset of {','.join(OPS)} (default all)")
+    p.add_argument("--chunk", type=positive_int, default=2048, help="prefill queries per chunk (default 2048)")
+    p.add_argument("--decode-batches", type=positive_int_list, default="1,64", help="decode batch sizes (default 1,64)")
     p.add_argument("--no-xla", action="store_true", help="skip the XLA reference timings")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against XLA")
     p.add_argument("--indexer-fp8", action="store_true",
                    help="also time (and check) the FP8 indexer logits: an indexer_fp8 row after each indexer row")
-    p.add_argument("--quick", action="store_true", help="8k,32k only, chunk 512, decode batch 8")
+    p.add_argument("--quick", action="store_true", help="8Ki,32Ki only, chunk 512, decode batch 8")
     p.add_argument("--json", type=Path, help="write every row, the ceilings and the device as JSON here")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     a = p.parse_args(argv)
     if a.quick:
-        a.sizes, a.chunk, a.decode_batches = "8k,32k", 512, "8"
-    ops = [o.strip() for o in a.ops.split(",") if o.strip()]
-    if not ops or set(ops) - set(OPS):
-        p.error(f"--ops {a.ops!r}: choose from {','.join(OPS)}")
+        a.sizes, a.chunk, a.decode_batches = [8 * 1024, 32 * 1024], 512, [8]
     if a.indexer_fp8:
-        if "indexer" not in ops:
+        if "indexer" not in a.ops:
             p.error("--indexer-fp8 adds rows beside the indexer's: keep indexer in --ops")
-        ops.append("indexer_fp8")
-    a.ops = ops
-    sizes = parse_sizes(a.sizes)
-    try:
-        a.decode_batches = [int(x) for x in a.decode_batches.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--decode-batches {a.decode_batches!r}: write batch sizes like 1,64")
-    if a.chunk < 1 or any(b < 1 for b in a.decode_batches):
-        p.error("--chunk and --decode-batches must be >= 1")
+        a.ops.append("indexer_fp8")
+    if a.json:
+        check_output_file(a.json, "--json")
     impl = pallas_name()
     if jax.default_backend() == "cpu":
         raise UserError("the kernels benchmark needs a GPU or TPU (on CPU, Pallas runs only in interpret mode)")
@@ -300,7 +290,7 @@ def main(argv=None) -> int:
     print(f"ceilings: bf16 matmul {ceil['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {ceil['copy_bytes_s'] / 1e9:.0f} GB/s",
           flush=True)
     rows = []
-    for tk in sizes:
+    for tk in a.sizes:
         rows += run_size(tk, a, ceil, impl)
     print("\nall sizes:")
     print_table(rows, COLUMNS)
@@ -311,4 +301,4 @@ def main(argv=None) -> int:
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)

@@ -7,9 +7,17 @@ is left out. Runs anywhere (no GPU needed)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.cli import ArgumentParser, entry, read_text
+from ic_jax.errors import UserError
+from ic_jax.outputs import check_output_file
+
+
+def is_rate(v) -> bool:
+    """A finite positive number (JSON allows NaN and Infinity)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def points(payload: dict) -> list[dict]:
@@ -17,7 +25,7 @@ def points(payload: dict) -> list[dict]:
     out = []
     for r in payload["rows"]:
         tflops, gbs = r.get("tflops"), r.get("gbs")
-        if isinstance(tflops, (int, float)) and isinstance(gbs, (int, float)) and gbs > 0:
+        if is_rate(tflops) and is_rate(gbs):
             batch = r["shape"].split(" x ")[0] if r["mode"] == "decode" else None
             out.append({"group": f"{r['op']} {r['mode']}" + (f" B={batch}" if batch else ""), "tk": r["tk"],
                         "intensity": tflops * 1e3 / gbs, "tflops": tflops})
@@ -25,14 +33,20 @@ def points(payload: dict) -> list[dict]:
 
 
 def load(path: Path) -> dict:
-    if not path.is_file():
+    """The payload of `bench kernels --json`: rows (each with op, mode, tk and shape) and ceilings."""
+    if not path.exists():
         raise UserError(f"{path}: no such file; write one with `python -m ic_jax.bench kernels --json {path}`")
     try:
-        payload = json.loads(path.read_text())
+        payload = json.loads(read_text(path, f"kernels JSON {path}"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not JSON ({e.msg}, line {e.lineno}); give the file of `bench kernels --json`")
-    if not isinstance(payload, dict) or not {"rows", "ceilings"} <= payload.keys():
+    rows = payload.get("rows") if isinstance(payload, dict) else None
+    if not isinstance(rows, list) or not isinstance(payload.get("ceilings"), dict):
         raise UserError(f"{path}: no rows and ceilings; give the file of `python -m ic_jax.bench kernels --json`")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("shape"), str) or not is_rate(r.get("tk")) \
+                or not {"op", "mode"} <= r.keys():
+            raise UserError(f"{path}: row {i} lacks op, mode, tk or shape; give the file of `bench kernels --json`")
     return payload
 
 
@@ -45,15 +59,21 @@ def main(argv=None) -> int:
     pts = points(payload)
     if not pts:
         raise UserError(f"{a.json}: no row has a FLOP rate (top-k alone?); run `bench kernels` with indexer or mla")
+    ceil = payload["ceilings"]
+    if not (is_rate(ceil.get("matmul_flops")) and is_rate(ceil.get("copy_bytes_s"))):
+        raise UserError(f"{a.json}: its ceilings lack matmul_flops or copy_bytes_s; give the file of "
+                        f"`bench kernels --json`")
+    out = a.out or a.json.with_suffix(".png")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the plot is a PNG; give a path ending in .png")
+    check_output_file(out, "--out")
     from ic_jax import plots  # matplotlib only here
 
-    ceil = payload["ceilings"]
-    gathers = sorted({round(r["gather_tbs"], 2) for r in payload["rows"] if "gather_tbs" in r})
-    out = a.out or a.json.with_suffix(".png")
+    gathers = sorted({round(r["gather_tbs"], 2) for r in payload["rows"] if is_rate(r.get("gather_tbs"))})
     plots.roofline(pts, ceil["matmul_flops"] / 1e12, ceil["copy_bytes_s"] / 1e12, gathers[:1] + gathers[-1:], out,
                    f"{payload.get('device', '?')}, jax {payload.get('jax', '?')}, {payload.get('date', '?')}")
     print(f"wrote {out}: {len(pts)} points")
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)

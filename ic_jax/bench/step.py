@@ -25,12 +25,14 @@ import jax.numpy as jnp
 from jax.profiler import ProfileData
 from tqdm import tqdm
 
-from ic_jax.attention import RunOptions
-from ic_jax.bench.e2e import add_model_arguments, model_config, parse_contexts, random_model
-from ic_jax.checkpoint import atomic_write_text
+from ic_jax.bench.e2e import add_model_arguments, model_config, random_model
+from ic_jax.bench.flags import one_size
+from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, positive_int
 from ic_jax.engine import Engine, decode_step, prefill_chunk
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.errors import UserError
+from ic_jax.outputs import atomic_write_text, check_output_file
 from ic_jax.pattern import parse_pattern
+from ic_jax.run_options import RunOptions
 from ic_jax.sampling import Sampling
 
 PROFILED_STEPS = 3
@@ -135,30 +137,32 @@ def print_profile(row: dict) -> None:
         print(f"{k['ms']:9.3f} {100 * k['ms'] / prof['kernel_ms']:5.1f}% {k['calls']:6.1f}  {k['name'][:100]}")
 
 
-def main(argv=None) -> int:
+def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m ic_jax.bench step", description=__doc__)
     add_model_arguments(p)
     p.add_argument("--patterns", nargs="+", default=["F", "FSSS"],
                    help="patterns in any --pattern form; speedups are against the first (default: F FSSS)")
-    p.add_argument("--context", default="200k", help="tokens already in the cache (default 200k)")
-    p.add_argument("--chunk", type=int, default=1,
+    p.add_argument("--context", type=one_size, default="200k",
+                   help=f"tokens already in the cache ({SIZE_HELP}; default 200k)")
+    p.add_argument("--chunk", type=positive_int, default=1,
                    help="tokens per step: 1 times decode steps (the default), N > 1 a prefill chunk of N tokens")
-    p.add_argument("--batch", type=int, default=1, help="sequences run together (default 1)")
-    p.add_argument("--steps", type=int,
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences run together (default 1)")
+    p.add_argument("--steps", type=positive_int,
                    help="steps timed per pattern (default 32 decode steps, or 3 prefill chunks)")
     p.add_argument("--profile", action="store_true",
                    help="trace 3 more steps and print the kernels with the most device time")
-    p.add_argument("--top", type=int, default=25, help="kernels listed per pattern with --profile (default 25)")
+    p.add_argument("--top", type=positive_int, default=25,
+                   help="kernels listed per pattern with --profile (default 25)")
     p.add_argument("--json", type=Path, help="write the rows (and profiles) as JSON here")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     if a.steps is None:
         a.steps = 32 if a.chunk == 1 else 3
-    if min(a.batch, a.chunk, a.steps, a.top) < 1:
-        raise UserError("--batch, --chunk, --steps and --top must be >= 1")
-    contexts = parse_contexts(a.context, "--context")
-    if len(contexts) != 1:
-        raise UserError(f"--context {a.context!r}: give one length, like 200k")
-    a.context = contexts[0]
+    if a.json:
+        check_output_file(a.json, "--json")
     cfg = model_config(a)
     if cache_length(a) > cfg.max_position_embeddings:
         raise UserError(f"--context {a.context} plus the {'chunk' if a.chunk > 1 else 'steps'} exceeds "
@@ -189,4 +193,4 @@ def main(argv=None) -> int:
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)

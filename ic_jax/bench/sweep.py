@@ -13,10 +13,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from ic_jax.bench.kernels import (SCALE, TOPK, attempt, fp8_cache_args, indexer_inputs, mla_inputs, parse_sizes,
-                                  rel_err, same_sets)
+from ic_jax.bench.flags import one_size, subset
+from ic_jax.bench.kernels import SCALE, TOPK, attempt, fp8_cache_args, indexer_inputs, mla_inputs, rel_err, same_sets
 from ic_jax.bench.timing import print_table, write_json
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, size_list
+from ic_jax.errors import UserError
+from ic_jax.outputs import check_output_file
 from ic_jax.pallas.indexer_logits import gpu as indexer_gpu, reference as indexer_ref
 from ic_jax.pallas.indexer_logits.reference import fp8_inputs
 from ic_jax.pallas.sparse_mla import gpu as mla_gpu, reference as mla_ref
@@ -73,30 +75,30 @@ def check(op: str, args) -> float | bool:
     return same_sets(got, jax.jit(functools.partial(topk_ref.topk_indices, k=TOPK))(*args))
 
 
-def main(argv=None) -> int:
+def parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m ic_jax.bench sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tk", default="200k", help="context length (default 200k)")
-    p.add_argument("--chunks", default="2048,16384", help="prefill queries per call (default 2048,16384)")
-    p.add_argument("--ops", default="indexer,mla,topk", help="subset of indexer,indexer_fp8,mla,topk (default "
-                                                              "indexer,mla,topk)")
+    p.add_argument("--tk", type=one_size, default="200Ki", help=f"context length ({SIZE_HELP}; default 200Ki)")
+    p.add_argument("--chunks", type=size_list, default="2048,16384",
+                   help="prefill queries per call (default 2048,16384)")
+    p.add_argument("--ops", type=subset(tuple(VARIANTS)), default="indexer,mla,topk",
+                   help=f"subset of {','.join(VARIANTS)} (default indexer,mla,topk)")
     p.add_argument("--json", type=Path, help="write the rows and the device as JSON here")
-    a = p.parse_args(argv)
-    ops = [o for o in a.ops.split(",") if o]
-    if not ops or set(ops) - set(VARIANTS):
-        raise UserError(f"--ops {a.ops!r}: choose from {','.join(VARIANTS)}")
-    sizes, chunks = parse_sizes(a.tk), parse_sizes(a.chunks)
-    if len(sizes) != 1:
-        raise UserError(f"--tk {a.tk!r}: the sweep runs at one context length; give one, like 200k")
-    tk = sizes[0]
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    if a.json:
+        check_output_file(a.json, "--json")
     if jax.default_backend() != "gpu":
         raise UserError("the sweep times the Pallas GPU (Triton) kernels: run it on a GPU")
     device = jax.devices()[0].device_kind
-    print(f"{device}, jax {jax.__version__}, Tk {tk}", flush=True)
+    print(f"{device}, jax {jax.__version__}, Tk {a.tk}", flush=True)
     rows = []
-    for op in ops:
-        for tq in chunks:
-            args = inputs(op, min(tq, tk), tk)
-            if tq == chunks[0]:
+    for op in a.ops:
+        for tq in a.chunks:
+            args = inputs(op, min(tq, a.tk), a.tk)
+            if tq == a.chunks[0]:
                 print(f"check {op}: {check(op, args)}", flush=True)
             for n, settings in enumerate(VARIANTS[op]):
                 t = attempt(jax.jit(functools.partial(KERNELS[op], **settings)), *args)
@@ -110,8 +112,8 @@ def main(argv=None) -> int:
     print_table(rows, [("op", "op"), ("tq", "Tq"), ("settings", "settings"), ("ms", "ms")])
     if a.json:
         write_json(a.json, {"device": device, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-                            "tk": tk, "rows": rows})
+                            "tk": a.tk, "rows": rows})
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)
