@@ -133,23 +133,10 @@ def select_topk(q: Float[Array, "B T H D"], keys: Float[Array, "L B S D"], w: Fl
 def sparse_attention(q_lat: Float[Array, "B T H C"], q_rope: Float[Array, "B T H R"],
                      kv: Float[Array, "L B S C"], k_rope: Float[Array, "L B S R"], layer,
                      indices: Int[Array, "B T K"], cfg: ModelConfig, opts: RunOptions) -> Float[Array, "B T H C"]:
-    """Sparse MLA of one layer of a stacked cache, read in place.
-
-    Slicing `kv[layer]` would copy the layer's whole cache at every step; instead the op sees the stack as
-    one flat sequence of L*B*S entries and the indices are offset to the layer's and sequence's rows.
-    """
-    L, B, S, C = kv.shape
-    T, K = indices.shape[1:]
-    if L * B * S >= 2**31:
-        o, _ = ops.sparse_mla(q_lat, q_rope, kv[layer], k_rope[layer], indices, cfg.softmax_scale,
-                              implementation=opts.implementation, interpret=opts.interpret)
-        return o
-    base = ((layer * B + jnp.arange(B, dtype=jnp.int32)) * S)[:, None, None]
-    flat = jnp.where(indices >= 0, indices + base, -1).reshape(1, B * T, K)
-    o, _ = ops.sparse_mla(q_lat.reshape(1, B * T, *q_lat.shape[2:]), q_rope.reshape(1, B * T, *q_rope.shape[2:]),
-                          kv.reshape(1, L * B * S, C), k_rope.reshape(1, L * B * S, -1), flat, cfg.softmax_scale,
+    """Sparse MLA of layer `layer` of the stacked cache, read in place (`ops.sparse_mla`)."""
+    o, _ = ops.sparse_mla(q_lat, q_rope, kv, k_rope, indices, cfg.softmax_scale, layer=layer,
                           implementation=opts.implementation, interpret=opts.interpret)
-    return o.reshape(q_lat.shape)
+    return o
 
 
 def selection_mask(indices: Int[Array, "B T K"], tk: int) -> Array:

@@ -154,3 +154,22 @@ def test_gpu_reads_the_stack_in_place(op):
     ops = {re.match(r"\s*(?:%\S+ = )?([\w.]+)", line).group(1) for line in lines}
     assert ops <= {"func.func", "call", "stablehlo.reshape", "stablehlo.custom_call"}, ops
     assert sum("stablehlo.custom_call" in line for line in lines) == 1
+
+
+def test_xla_gradient_goes_to_the_callers_own_slice():
+    """With `layer` and `own` (w[layer] as a scan's slice holds it), XLA multiplies by `own`: the product is that of
+    w[layer], and the gradient goes to `own` (d/dw[g] of the sum of rows g's products: their column sums, in
+    every column), none to the stack."""
+    rng = np.random.default_rng(12)
+    R, G, M, K, N = 3, 4, 24, 16, 20
+    w = rng.standard_normal((R, G, K, N)).astype(np.float32)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    sizes = np.array([5, 0, 9, 6], np.int32)  # 4 rows past the groups
+    fn = lambda w, own: grouped_matmul(x, w, sizes, layer=1, own=own, implementation="xla")
+    ref = numpy_reference(x, w[1], sizes)
+    assert np.linalg.norm(np.asarray(fn(w, w[1])) - ref) <= 1e-5 * np.linalg.norm(ref)
+    g_stack, g_own = jax.grad(lambda w, own: fn(w, own).sum(), argnums=(0, 1))(w, w[1])
+    assert not np.asarray(g_stack).any()
+    ends = np.cumsum(sizes)
+    column_sums = np.stack([x[e - s:e].astype(np.float64).sum(0) for s, e in zip(sizes, ends)])
+    np.testing.assert_allclose(np.asarray(g_own), np.repeat(column_sums[:, :, None], N, 2), rtol=1e-5, atol=1e-5)

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ic_jax.errors import UserError
 from ic_jax.pallas.indexer_logits.reference import quantize_fp8
 from ic_jax.pallas.triton_lowering import triton_modules
 
@@ -164,6 +163,31 @@ class TestOps:
         fin = np.isfinite(rlse)
         np.testing.assert_allclose(np.asarray(lse)[fin], rlse[fin], rtol=tol, atol=tol)
 
+    @pytest.mark.parametrize("flat", [True, False])
+    def test_sparse_mla_stacked_cache(self, impl, flat, monkeypatch):
+        """kv and k_rope stacked caches [L, B, Tk, *] and a traced layer (a random one, then the last): the entry
+        point reads the layer through the flat stack, each index offset to its layer's and sequence's rows, or
+        (`flat` False: the int32 row limit lowered below this stack's rows) through the layer's slice. Both give
+        the attention of the layer's cache."""
+        if not flat:
+            monkeypatch.setattr(mla_op, "MAX_FLAT_ROWS", 3 * 2 * 77)
+        rng = np.random.default_rng(21)
+        L, B, Tq, H, C, R, Tk, K = 3, 2, 3, 5, 32, 8, 77, 20
+        arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+        q_lat, q_rope, kv, k_rope = arr(B, Tq, H, C), arr(B, Tq, H, R), arr(L, B, Tk, C), arr(L, B, Tk, R)
+        idx = rng.integers(0, Tk, (B, Tq, K)).astype(np.int32)
+        idx[rng.random(idx.shape) < 0.3] = -1
+        idx[0, 1] = -1  # no valid index: zero output, lse -inf
+        fn = jax.jit(lambda *a: mla_op.sparse_mla(*a[:5], 0.3, layer=a[5], implementation=impl, interpret=True))
+        for layer in (int(rng.integers(0, L - 1)), L - 1):
+            o, lse = fn(q_lat, q_rope, kv, k_rope, jnp.asarray(idx), jnp.int32(layer))
+            ro, rlse = mla_ref(q_lat, q_rope, kv[layer], k_rope[layer], idx, 0.3)
+            assert o.shape == ro.shape and lse.shape == rlse.shape
+            np.testing.assert_allclose(f64(o), ro, rtol=1e-5, atol=1e-5 * np.abs(ro).max())
+            np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(rlse))
+            fin = np.isfinite(rlse)
+            np.testing.assert_allclose(np.asarray(lse)[fin], rlse[fin], rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.parametrize("impl", sorted(il_op.FP8_IMPLEMENTATIONS))  # TPU: no kernel (test_entry_points_dispatch)
 @pytest.mark.parametrize("tq", [1, 5, 20])  # 1, 5: the per-query (decode) path on GPU; 20: query blocks
@@ -280,7 +304,7 @@ def test_gpu_decode_splits_match_unsplit():
 def test_gpu_sparse_mla_rejects_uneven_latent_chunks():
     arr = lambda *s: jnp.zeros(s, jnp.float32)
     args = (arr(1, 1, 4, 16), arr(1, 1, 4, 8), arr(1, 50, 16), arr(1, 50, 8), jnp.zeros((1, 1, 8), jnp.int32))
-    with pytest.raises(UserError, match="multiple of block_c=12"):
+    with pytest.raises(NotImplementedError, match="multiple of block_c=12"):
         mla_op.IMPLEMENTATIONS["pallas_gpu"](*args, 0.5, interpret=True, block_c=12)
 
 
@@ -426,6 +450,28 @@ def test_entry_points_dispatch():
             jnp.arange(3, dtype=jnp.int32)[None], jnp.array([9], jnp.int32))
     tpu, xla = (il_op.indexer_logits(*args, fp8=True, implementation=i, interpret=True) for i in ("pallas_tpu", "xla"))
     np.testing.assert_array_equal(np.asarray(tpu), np.asarray(xla))
+
+
+def test_dispatch_falls_back_where_a_kernel_declines():
+    """A kernel that cannot take an input raises NotImplementedError, and the entry point runs the next
+    implementation, XLA: sparse MLA with a latent dim of 192 (not a multiple of the GPU kernel's 128-wide chunks),
+    FP8 indexer logits with a head dim of 16 (Hopper's fp8 dots contract multiples of 32). An implementation that
+    does not exist is a ValueError."""
+    rng = np.random.default_rng(14)
+    mla = (bf16(rng, (1, 2, 4, 192)), bf16(rng, (1, 2, 4, 8)), bf16(rng, (1, 30, 192)), bf16(rng, (1, 30, 8)),
+           jnp.asarray(rng.integers(-1, 30, (1, 2, 8)), jnp.int32), 0.3)
+    with pytest.raises(NotImplementedError):
+        mla_op.IMPLEMENTATIONS["pallas_gpu"](*mla, interpret=True)
+    for got, want in zip(*(mla_op.sparse_mla(*mla, implementation=i, interpret=True) for i in ("pallas_gpu", "xla"))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    indexer = tuple(jnp.asarray(a) for a in indexer_inputs(rng, 2, 3, 4, 16, 20))
+    with pytest.raises(NotImplementedError):
+        il_op.FP8_IMPLEMENTATIONS["pallas_gpu"](*indexer, interpret=True)
+    got, want = (il_op.indexer_logits(*indexer, fp8=True, implementation=i, interpret=True)
+                 for i in ("pallas_gpu", "xla"))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="'pallas' is not one of"):
+        topk_op.topk_indices(jnp.zeros((1, 1, 8)), 2, implementation="pallas")
 
 
 def test_fp8_quantizer_round_trip():

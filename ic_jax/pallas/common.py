@@ -27,6 +27,11 @@ def order_key(x: jax.Array) -> jax.Array:
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
+def layer_slice(x: jax.Array | None, layer) -> jax.Array | None:
+    """x[layer] of a stack [L, ...] (`layer` an int, traced or not); x itself when `layer` (or x) is None."""
+    return x if layer is None or x is None else jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
+
+
 def tpu_interpret(interpret: bool):
     """interpret=True runs a TPU kernel on CPU in the TPU interpreter, which raises on out-of-bounds reads."""
     return pltpu.InterpretParams(out_of_bounds_reads="raise") if interpret else False

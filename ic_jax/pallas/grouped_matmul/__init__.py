@@ -7,9 +7,6 @@ materialises a custom call's sliced operand: all G matrices, on every call)."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
 from ic_jax.pallas import dispatch
 from ic_jax.pallas.grouped_matmul import gpu, reference
 
@@ -17,31 +14,27 @@ IMPLEMENTATIONS = {"xla": reference.grouped_matmul, "pallas_gpu": gpu.grouped_ma
 GATHERED_IMPLEMENTATIONS = {"xla": reference.gathered_matmul, "pallas_gpu": gpu.gathered_matmul}
 
 
-def _flat(w):
-    return w.reshape(-1, *w.shape[2:])
-
-
-def grouped_matmul(x, w, group_sizes, *, layer=None, implementation: str | None = None, interpret: bool = False):
+def grouped_matmul(x, w, group_sizes, *, layer=None, own=None, implementation: str | None = None,
+                   interpret: bool = False):
     """See `reference.grouped_matmul` for the contract; `implementation` picks the kernel. With `layer`, w is a
-    stack [R, G, K, N] and the groups are those of w[layer]: the kernel sees all R * G matrices with the other
-    layers' groups empty; XLA (`ragged_dot`, a dense pass over every group on GPU) takes the slice."""
-    if layer is not None:
-        if dispatch.resolve(IMPLEMENTATIONS, implementation) == "xla":
-            w = w[layer]
-        else:
-            R, G = w.shape[:2]
-            sizes = jnp.zeros(R * G, group_sizes.dtype)
-            group_sizes = jax.lax.dynamic_update_slice(sizes, group_sizes, (layer * G,))
-            w = _flat(w)
-    return dispatch.call("grouped_matmul", IMPLEMENTATIONS, (x, w, group_sizes),
-                         implementation=implementation, interpret=interpret)
+    stack [R, G, K, N] and the groups are those of w[layer]: the kernel reads them in place
+    (`gpu.layer_groups`); XLA (`ragged_dot`, a dense pass over every group on GPU) takes the slice, or `own`.
+    `own`: w[layer] as the caller holds it already (a scan's slice of its stacked layers): XLA multiplies by it, so
+    that the gradient goes to that slice (through the stack, a scan's backward pass would carry a gradient of the
+    whole stack from step to step)."""
+    table = IMPLEMENTATIONS
+    if own is not None:
+        table = {**table, "xla": lambda x, w, group_sizes, layer: reference.grouped_matmul(x, own, group_sizes)}
+    return dispatch.call("grouped_matmul", table, (x, w, group_sizes), implementation=implementation,
+                         interpret=interpret, layer=layer)
 
 
 def gathered_matmul(x, w, groups, *, layer=None, implementation: str | None = None, interpret: bool = False):
     """See `reference.gathered_matmul` for the contract; `implementation` picks the kernel. With `layer`, w is a
-    stack [R, G, K, N] and `groups` index w[layer]."""
+    stack [R, G, K, N] and `groups` index w[layer]: every implementation sees the flat stack [R * G, K, N] and
+    the groups offset into it, so that XLA too gathers only the chosen matrices."""
     if layer is not None:
         groups = groups + layer * w.shape[1]
-        w = _flat(w)
+        w = w.reshape(-1, *w.shape[2:])
     return dispatch.call("gathered_matmul", GATHERED_IMPLEMENTATIONS, (x, w, groups),
                          implementation=implementation, interpret=interpret)

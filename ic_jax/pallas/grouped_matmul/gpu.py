@@ -76,11 +76,22 @@ def schedule(group_sizes: Int[Array, "G"], m_pad: int, bm: int):
     return first, count, starts, ends
 
 
+def layer_groups(w: Float[Array, "R G K N"], group_sizes: Int[Array, "G"], layer):
+    """Layer `layer` of a stack as groups of the flat stack [R * G, K, N], the other layers' groups empty: the kernel
+    then reads that layer's matrices in place (given the slice w[layer], XLA would first copy all G of them)."""
+    R, G = w.shape[:2]
+    sizes = jax.lax.dynamic_update_slice(jnp.zeros(R * G, group_sizes.dtype), group_sizes, (layer * G,))
+    return w.reshape(-1, *w.shape[2:]), sizes
+
+
 @functools.partial(jax.jit, static_argnames=("bm", "bn", "bk", "num_warps", "num_stages", "interpret"))
-def grouped_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], group_sizes: Int[Array, "G"], *,
-                   bm: int = 128, bn: int = 128, bk: int = 64, num_warps: int = 8, num_stages: int = 4,
+def grouped_matmul(x: Float[Array, "M K"], w: Float[Array, "*R G K N"], group_sizes: Int[Array, "G"], *,
+                   layer=None, bm: int = 128, bn: int = 128, bk: int = 64, num_warps: int = 8, num_stages: int = 4,
                    interpret: bool = False) -> Float[Array, "M N"]:
-    """`reference.grouped_matmul` semantics (f32 accumulation, output x.dtype); forward only."""
+    """`reference.grouped_matmul` semantics (f32 accumulation, output x.dtype); forward only. With `layer`, w is
+    a stack [R, G, K, N], read in place (`layer_groups`)."""
+    if layer is not None:
+        w, group_sizes = layer_groups(w, group_sizes, layer)
     (M, K), (G, _, N) = x.shape, w.shape
     # Blocks are powers of 2 (Triton), at least 16 (tensor-core dots), at most the padded dim.
     bm, bk, bn = (min(b, max(16, next_pow2(d))) for b, d in ((bm, M), (bk, K), (bn, N)))

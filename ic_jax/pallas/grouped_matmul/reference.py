@@ -6,13 +6,18 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from ic_jax.pallas.common import layer_slice
 
-def grouped_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], group_sizes: Int[Array, "G"]) -> Float[Array, "M N"]:
+
+def grouped_matmul(x: Float[Array, "M K"], w: Float[Array, "*R G K N"], group_sizes: Int[Array, "G"], *,
+                   layer=None) -> Float[Array, "M N"]:
     """Rows sorted by group: rows of group g are multiplied by w[g]; rows past sum(group_sizes) give 0.
 
-    Accumulates in float32 and returns x.dtype.
+    Accumulates in float32 and returns x.dtype. With `layer` (an int, traced or not), w is a stack [R, G, K, N]
+    and its layer `layer` is taken (a slice).
     """
-    out = jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
+    out = jax.lax.ragged_dot(x, layer_slice(w, layer), group_sizes.astype(jnp.int32),
+                             preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
 
 

@@ -26,9 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ic_jax.errors import UserError
-from ic_jax.pallas.common import next_pow2
-from ic_jax.pallas.indexer_logits.reference import block_maxima, fp8_inputs, layer_slice
+from ic_jax.pallas.common import layer_slice, next_pow2
+from ic_jax.pallas.indexer_logits.reference import block_maxima, fp8_inputs
 from ic_jax.pallas.triton_lowering import fp8_dot_params
 
 MIN_DOT_ROWS = 16  # Triton's smallest dot tile
@@ -194,7 +193,8 @@ def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, **kw
     """Same contract as `reference.indexer_logits_fp8`; `kwargs` as for `indexer_logits`. Pre-quantized stacked
     keys are read in place; keys quantized here are the layer's only."""
     if q.shape[-1] % 32:
-        raise UserError(f"FP8 indexer logits need a head dim divisible by 32 (Hopper fp8 dots), got {q.shape[-1]}")
+        raise NotImplementedError(f"FP8 indexer logits on GPU need a head dim divisible by 32 (Hopper fp8 dots), "
+                                  f"got {q.shape[-1]}")
     if k_scale is None:
         k, layer = layer_slice(k, layer), None
     q8, k8, wq, k_scale = fp8_inputs(q, k, w, k_scale)

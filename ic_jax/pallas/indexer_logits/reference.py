@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from ic_jax.pallas.common import layer_slice
+
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
@@ -83,11 +85,6 @@ def block_maxima(logits: Float[Array, "B Tq Tk"], block: int) -> Float[Array, "B
     nb = -(-Tk // block)
     padded = jnp.pad(logits, [(0, 0), (0, 0), (0, nb * block - Tk)], constant_values=-jnp.inf)
     return padded.reshape(B, Tq, nb, block).max(-1)
-
-
-def layer_slice(x: Array | None, layer) -> Array | None:
-    """x[layer] of a stacked cache [L, ...]; x itself when `layer` (or x) is None."""
-    return x if layer is None or x is None else jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
 
 
 def visible_mask(q_pos: Int[Array, "B Tq"], kv_len: Int[Array, "B"], tk: int) -> Array:

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from ic_jax.pallas.common import round_up, tpu_interpret
-from ic_jax.pallas.indexer_logits.reference import layer_slice
+from ic_jax.pallas.common import layer_slice, round_up, tpu_interpret
 
 
 def _kernel(lim_ref, len_ref, q_ref, k_ref, w_ref, pos_ref, o_ref, *, heads: int):

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ic_jax.errors import UserError
 from ic_jax.pallas.common import next_pow2, prev_pow2
 
 NEG = -1e30  # finite start of the running max: exp(NEG - NEG) = 1 where every score so far is -inf
@@ -98,7 +97,7 @@ def sparse_mla(q_lat, q_rope, kv, k_rope, indices, scale: float, *, interpret: b
                                       zip((block_c, num_warps, num_stages), TUNING))
     block_c = min(block_c, C)
     if C % block_c:
-        raise UserError(f"sparse MLA: the latent dim {C} is not a multiple of block_c={block_c}")
+        raise NotImplementedError(f"sparse MLA on GPU: the latent dim {C} is not a multiple of block_c={block_c}")
     idx = jnp.pad(indices.astype(jnp.int32), [(0, 0), (0, 0), (0, splits * per_split - K)], constant_values=-1)
     idx = idx.reshape(B, Tq, splits, per_split)
     o_dtype = q_lat.dtype if splits == 1 else jnp.float32

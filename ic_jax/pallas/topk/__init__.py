@@ -29,7 +29,7 @@ def topk_indices(logits, k: int, *, lengths=None, block_maxima=None, implementat
 def seed_block(rows: int, tk: int, k: int, implementation: str | None = None) -> int | None:
     """For `rows` rows of `tk` logits: the block length whose maxima the implementation that `topk_indices` runs
     would compute (only the GPU kernel takes them), or None."""
-    if dispatch.resolve(IMPLEMENTATIONS, implementation, small=_small((1, rows, tk))) != "pallas_gpu":
+    if dispatch.candidates("topk", IMPLEMENTATIONS, implementation, _small((1, rows, tk)))[0] != "pallas_gpu":
         return None
     return gpu.seed_block(tk, k)
 
