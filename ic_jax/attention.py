@@ -16,7 +16,6 @@ from jaxtyping import Array, Float, Int
 
 from ic_jax import pallas as ops
 from ic_jax.config import ModelConfig
-from ic_jax.pallas.topk import seed_block as topk_seed_block
 from ic_jax.layers import LayerNorm, RMSNorm, apply_rope, dtype_of, hadamard, param, rope_inv_freq
 from ic_jax.run_options import RunOptions
 
@@ -96,38 +95,11 @@ class Indexer(nnx.Module):
 def select_topk(q: Float[Array, "B T H D"], keys: Float[Array, "L B S D"], w: Float[Array, "B T H"],
                 q_pos: Int[Array, "B T"], kv_len: Int[Array, "B"], topk: int, opts: RunOptions, layer,
                 k_scale: Float[Array, "L B S"] | None = None) -> Int[Array, "B T K"]:
-    """Top-k key indices per query (-1 padded) over layer `layer` of the stacked key cache, scoring
-    `opts.index_block` queries at a time. The stack goes to the indexer op whole: its GPU kernel reads the layer
-    in place, where slicing `keys[layer]` here would copy the layer's whole cache at every step. With `k_scale`
-    the keys are e4m3 (an FP8 key cache) and the logits FP8. The indices carry no gradient, so none is traced
-    through the logits (the FP8 ones have none)."""
-    B, T = q_pos.shape
-    q, keys, w = jax.lax.stop_gradient((q, keys, w))
-
-    bq = opts.index_block
-    # the block maxima that seed the GPU top-k, written by the GPU indexer kernel with the logits
-    seed = topk_seed_block(B * min(T, bq), keys.shape[-2], topk, opts.implementation)
-
-    def block(args):
-        qb, wb, pb = args
-        out = ops.indexer_logits(qb, keys, wb, pb, kv_len, fp8=k_scale is not None, k_scale=k_scale, layer=layer,
-                                 block_max=seed, implementation=opts.implementation, interpret=opts.interpret)
-        logits, maxima = out if seed else (out, None)
-        visible = jnp.minimum(pb + 1, kv_len[:, None])  # the keys past it are -inf: the GPU top-k skips them
-        return ops.topk_indices(logits, topk, lengths=visible, block_maxima=maxima,
-                                implementation=opts.implementation, interpret=opts.interpret)
-
-    if T <= bq:
-        return block((q, w, q_pos))
-    nb = -(-T // bq)
-    pad = nb * bq - T
-
-    def split(x):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(B, nb, bq, *x.shape[2:]), 1, 0)
-
-    idx = jax.lax.map(block, (split(q), split(w), split(q_pos)))
-    return jnp.moveaxis(idx, 0, 1).reshape(B, nb * bq, topk)[:, :T]
+    """Top-k key indices per query (-1 padded) over layer `layer` of the stacked key cache, read in place
+    (`ops.indexer_topk`), `opts.index_block` queries at a time. With `k_scale` the keys are e4m3 (an FP8 key
+    cache) and the logits FP8."""
+    return ops.indexer_topk(q, keys, w, q_pos, kv_len, topk, fp8=k_scale is not None, k_scale=k_scale, layer=layer,
+                            block_q=opts.index_block, implementation=opts.implementation, interpret=opts.interpret)
 
 
 def sparse_attention(q_lat: Float[Array, "B T H C"], q_rope: Float[Array, "B T H R"],

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ic_jax import pallas as ops
 from ic_jax.pallas.indexer_logits.reference import quantize_fp8
 from ic_jax.pallas.triton_lowering import triton_modules
 
@@ -361,8 +362,12 @@ def test_indexer_logits_with_block_maxima(impl, fp8, tq, block_max):
     q, k, w, q_pos, kv_len = indexer_inputs(rng, 2, tq, 4, 32, 1000, k_shape=(2, 2, 1000, 32))
     q_pos[1, -1] = 999
     args = (q, k, w, jnp.asarray(q_pos), jnp.asarray(kv_len))
-    if impl == "xla":  # through the entry point, which computes the maxima after the reference
-        fn = lambda *a, **kw: il_op.indexer_logits(*a[:5], layer=a[5], fp8=fp8, implementation="xla", **kw)
+    if impl == "xla":  # through the entry points, which compute the maxima after the reference
+        def fn(*a, block_max=None):
+            kw = dict(layer=a[5], fp8=fp8, implementation="xla")
+            if block_max:
+                return il_op.indexer_logits_and_maxima(*a[:5], block_max, **kw)
+            return il_op.indexer_logits(*a[:5], **kw)
     else:  # the GPU kernel with small blocks
         table = il_op.FP8_IMPLEMENTATIONS if fp8 else il_op.IMPLEMENTATIONS
         fn = lambda *a, **kw: call("indexer_logits", table, impl, *a[:5], layer=a[5], **kw)
@@ -371,6 +376,46 @@ def test_indexer_logits_with_block_maxima(impl, fp8, tq, block_max):
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(run()))
     assert maxima.shape == (2, tq, -(-1000 // block_max))
     np.testing.assert_array_equal(np.asarray(maxima, np.float64), numpy_block_maxima(logits, block_max))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_topk(impl, fp8, monkeypatch):
+    """The one op from the indexer's inputs to the selected keys: the sets against the float64 top-k of float64
+    logits (of the dequantized e4m3 values with fp8, the keys pre-quantized as an FP8 key cache holds them), on a
+    stacked key cache with a traced layer, 40 queries in blocks of 16 (the last one padded), with a query that
+    sees nothing and rows that see fewer than k keys. The GPU top-k's candidate buffer is shrunk to 64 (of 1000
+    keys) so that it takes a seed: the op then has the indexer write the seed's block maxima with the logits."""
+    seeded = []
+    if impl == "pallas_gpu":
+        topk_gpu = importlib.import_module("ic_jax.pallas.topk.gpu")
+        kernel, seed_block = topk_gpu.topk_indices, topk_gpu.seed_block
+
+        def small_buffer(*a, block_maxima=None, **kw):
+            seeded.append(block_maxima is not None)
+            return kernel(*a, block_maxima=block_maxima, cap=64, chunk=32, **kw)
+
+        monkeypatch.setattr(topk_gpu, "topk_indices", small_buffer)
+        monkeypatch.setattr(topk_gpu, "seed_block", lambda tk, k, cap=64: seed_block(tk, k, cap))
+    rng = np.random.default_rng(13 + fp8)
+    L, B, T, Tk, K = 2, 2, 40, 1000, 24
+    q, k, w, q_pos, kv_len = indexer_inputs(rng, B, T, 4, 32, Tk, k_shape=(L, B, Tk, 32))
+    q_pos[1, -1] = Tk - 1
+    k_scale = None
+    if fp8:
+        k, k_scale = quantize_fp8(k)
+    fn = jax.jit(lambda q, k, w, p, n, s, layer: ops.indexer_topk(
+        q, k, w, p, n, K, fp8=fp8, k_scale=s, layer=layer, block_q=16, implementation=impl, interpret=True))
+    got = np.asarray(fn(q, k, w, jnp.asarray(q_pos), jnp.asarray(kv_len), k_scale, jnp.int32(1)))
+    assert got.shape == (B, T, K) and got.dtype == np.int32
+    keys = f64(k[1]) * f64(k_scale[1])[..., None] if fp8 else k[1]
+    ref = topk_ref_sets(indexer_ref(dequantized(q) if fp8 else q, keys, w, q_pos, kv_len), K)
+    for b in range(B):
+        for t in range(T):
+            row = got[b, t]
+            assert sorted(row[row >= 0].tolist()) == ref[b, t], (b, t)
+            assert (row[len(ref[b, t]):] == -1).all(), (b, t)
+    assert all(seeded) and len(seeded) == (impl == "pallas_gpu")
 
 
 def test_gpu_block_maxima_lower_to_triton():

@@ -18,20 +18,20 @@ def topk_indices(logits, k: int, *, lengths=None, block_maxima=None, implementat
                  interpret: bool = False):
     """See `reference.topk_indices` for the contract; kernels may return each row's set in another order.
     `lengths` [B, Tq]: each row holds only -inf from there on (the keys its query does not see; the caller's
-    promise), so the GPU kernel need not read further. `block_maxima`: from
-    `indexer_logits(..., block_max=seed_block(...))`, the GPU kernel's seed. The others ignore both."""
+    promise), so the GPU kernel need not read further. `block_maxima`: the maxima of `seed_block`-long runs of
+    each row, the GPU kernel's seed. The others ignore both."""
     table = {**IMPLEMENTATIONS,
              "pallas_gpu": functools.partial(gpu.topk_indices, lengths=lengths, block_maxima=block_maxima)}
     return dispatch.call("topk", table, (logits, k), implementation=implementation, interpret=interpret,
                          small=_small(logits.shape))
 
 
-def seed_block(rows: int, tk: int, k: int, implementation: str | None = None) -> int | None:
-    """For `rows` rows of `tk` logits: the block length whose maxima the implementation that `topk_indices` runs
-    would compute (only the GPU kernel takes them), or None."""
-    if dispatch.candidates("topk", IMPLEMENTATIONS, implementation, _small((1, rows, tk)))[0] != "pallas_gpu":
+def seed_block(shape: tuple[int, int, int], k: int, implementation: str | None = None) -> int | None:
+    """For logits of `shape` [B, Tq, Tk]: the block length whose maxima `topk_indices` takes as `block_maxima`
+    (only the GPU kernel takes them), or None."""
+    if dispatch.candidates("topk", IMPLEMENTATIONS, implementation, _small(shape))[0] != "pallas_gpu":
         return None
-    return gpu.seed_block(tk, k)
+    return gpu.seed_block(shape[-1], k)
 
 
 def _small(shape) -> bool:
