@@ -3,7 +3,7 @@ long context, without prefilling that context.
 
 Random weights of a preset (default: the 30B GLM-4.7-Flash + DSA shape) are made on the device and the cache
 (`--batch` sequences of `--context` tokens) is filled with random values instead of being prefilled, so a 200K
-point takes seconds where `bench e2e` spends 40 s on the prefill. With `--chunk 1` (the default) each step is the
+point takes seconds where `bench e2e` first prefills the whole context. With `--chunk 1` (the default) each step is the
 model's `decode_step` (cache donated) at positions from `--context` on, timed over `--steps` steps issued back to
 back, as `generate` runs them. With `--chunk N` each step is `prefill_chunk` of N tokens at positions `--context`
 to `--context` + N - 1: the last chunk of a prompt that long, the costliest of a chunked prefill. Speedups are

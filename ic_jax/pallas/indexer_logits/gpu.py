@@ -4,7 +4,7 @@ Grid (batch, query block, key block). The heads are reduced inside the kernel, o
 per head (ReLU, scale by w, accumulate in fp32), so [Tq, H, Tk] never exists. Key blocks wholly past the
 causal / kv_len limit of their query block write -inf without loading anything. Fewer than 16 queries
 (decode) use a per-query kernel whose dot has the keys as rows and the heads as columns: [bk, D] x [D, H] (with
-the heads as rows, 32 < 64 rows kept it off Hopper's warpgroup MMA: 1.13-1.36x slower at batch 64). With
+the heads as rows, 32 < 64 rows kept it off Hopper's warpgroup MMA; BENCHMARKS.md). With
 `block_max`, the block kernel also writes the maximum of each `block_max`-long run of keys per query, the seed
 of the GPU top-k, which would otherwise read the logits once more.
 

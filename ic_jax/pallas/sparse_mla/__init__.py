@@ -8,8 +8,7 @@ from ic_jax.pallas import dispatch
 from ic_jax.pallas.common import layer_slice
 from ic_jax.pallas.sparse_mla import gpu, reference, tpu
 
-# decode batches up to this run XLA (H100: 0.076 vs 0.083 ms at 1 x 200K; the kernel wins at 64, 0.078 vs 0.27 ms;
-# BENCHMARKS.md, kernels table)
+# decode batches up to this run XLA, whose gather wins at one query; the kernel wins at 64 (BENCHMARKS.md, kernels)
 SMALL_QUERIES = 16
 IMPLEMENTATIONS = {"xla": reference.sparse_mla, "pallas_gpu": gpu.sparse_mla, "pallas_tpu": tpu.sparse_mla}
 MAX_FLAT_ROWS = 2**31  # indices are int32

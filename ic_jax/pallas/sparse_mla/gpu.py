@@ -5,7 +5,7 @@ of `block_k`: it gathers those rows of the latent cache and the RoPE keys in-ker
 is clamped to row 0 and its score set to -inf), runs an online softmax and writes the normalised output
 and the log-sum-exp. The latent dim is handled in `block_c`-wide column chunks (the gathered tile, the q
 operand, the output accumulator), which keeps the dots' register operands small: whole 512-wide tiles spilled
-registers and ran 1.25x slower (BENCHMARKS.md). Head blocks are a power of two (H = 20 runs as one block of 32);
+registers (BENCHMARKS.md). Head blocks are a power of two (H = 20 runs as one block of 32);
 the padding heads are masked in the kernel's loads and stores, so nothing is padded or sliced outside it. With
 few queries (decode) the selected set is split over `splits` programs whose partial results are merged by their
 log-sum-exps.
@@ -23,7 +23,7 @@ from jax.experimental.pallas import triton as plgpu
 from ic_jax.pallas.common import next_pow2, prev_pow2
 
 NEG = -1e30  # finite start of the running max: exp(NEG - NEG) = 1 where every score so far is -inf
-TARGET_PROGRAMS = 256  # splits are chosen to reach about this many programs (2 per SM on an H100)
+TARGET_PROGRAMS = 256  # splits are chosen to reach about this many programs: two per SM of a Hopper GPU
 # (block_c, num_warps, num_stages): the best of sweeps on the H100 for prefill and decode (BENCHMARKS.md)
 TUNING = (128, 4, 3)
 

@@ -7,9 +7,8 @@ import functools
 from ic_jax.pallas import dispatch
 from ic_jax.pallas.topk import gpu, reference, tpu
 
-# few and short rows (decode at short context): XLA's sort beats the kernel's fixed cost (H100: 0.047 vs 0.085 ms at
-# 1 x 8K). From 32K on the kernel, whose filter splits few rows into segments, wins at 1 row (0.083 vs 0.146 ms at
-# 32K, 0.113 vs 0.149 at 200K) and at 64 (0.15 vs 1.7 ms at 200K); BENCHMARKS.md, "Top-k"
+# few and short rows (decode at short context): XLA's sort beats the kernel's fixed cost; from LONG_ROW on, the
+# kernel's filter, which splits few rows into segments, wins even at one row (BENCHMARKS.md, "Top-k")
 SMALL_ROWS, LONG_ROW = 16, 32768
 IMPLEMENTATIONS = {"xla": reference.topk_indices, "pallas_gpu": gpu.topk_indices, "pallas_tpu": tpu.topk_indices}
 
