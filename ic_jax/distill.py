@@ -22,13 +22,12 @@ import optax
 from flax import nnx
 
 from ic_jax.attention import RunOptions
-from ic_jax.checkpoint import load_checkpoint, read_config, save_checkpoint
+from ic_jax.checkpoint import StateStore, load_checkpoint, read_config, save_checkpoint, trained_seq_len
 from ic_jax.data import DEFAULT_DATA, load_split, training_batch
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.model import build_model, layer_params, top_params
 from ic_jax.pattern import parse_pattern
-from ic_jax.search import trained_seq_len
-from ic_jax.train import StateStore, graphdef_for, make_step, run_steps
+from ic_jax.train import graphdef_for, make_step, run_steps
 
 
 def main(argv=None) -> int:

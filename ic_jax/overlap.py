@@ -21,11 +21,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from ic_jax.attention import RunOptions, selection_mask
-from ic_jax.checkpoint import atomic_write_text, load_checkpoint, read_config
+from ic_jax.checkpoint import load_checkpoint, read_config, trained_seq_len
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.outputs import atomic_write_text
 from ic_jax.pattern import parse_pattern
 from ic_jax.plots import overlap_heatmap
-from ic_jax.search import calibration, trained_seq_len
+from ic_jax.search import calibration
 from ic_jax.data import DEFAULT_DATA
 
 

@@ -35,11 +35,12 @@ import numpy as np
 from tqdm import tqdm
 
 from ic_jax.attention import RunOptions
-from ic_jax.checkpoint import atomic_write_text, load_checkpoint, read_config
+from ic_jax.checkpoint import load_checkpoint, read_config, trained_seq_len
 from ic_jax.data import DEFAULT_DATA, Corpus, load_split, resolve_files
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.losses import lm_loss
 from ic_jax.model import repattern
+from ic_jax.outputs import atomic_write_text
 from ic_jax.pattern import keep_pattern
 from ic_jax.plots import curves
 from ic_jax.reuse import ReuseEvaluator
@@ -78,11 +79,6 @@ def calibration(spec: str, n: int, length: int, heldout_frac: float) -> np.ndarr
     """n fixed windows: of the held-out files for the default corpus, else of every file of the glob."""
     corpus = load_split(spec, heldout_frac)[1] if spec == DEFAULT_DATA else Corpus(resolve_files(spec))
     return corpus.windows(np.random.default_rng(1234), n, length)
-
-
-def trained_seq_len(ckpt: str, default: int = 256) -> int:
-    meta = Path(ckpt) / "meta.json"
-    return json.loads(meta.read_text()).get("seq_len", default) if meta.is_file() else default
 
 
 def measure_pattern_compile(model, tokens, pattern: str, opts: RunOptions) -> float:

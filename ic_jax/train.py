@@ -27,12 +27,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
 from ic_jax.attention import RunOptions
-from ic_jax.checkpoint import save_checkpoint
+from ic_jax.checkpoint import StateStore, save_checkpoint
 from ic_jax.config import load_config
 from ic_jax.data import DEFAULT_DATA, load_split, training_batch
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
@@ -61,34 +60,6 @@ def make_step(graphdef, tx, opts: RunOptions, pattern: str, lm_weight: float, kl
         return optax.apply_updates(params, updates), opt_state, metrics
 
     return step
-
-
-class StateStore:
-    """Orbax-managed training state: params and optimizer leaves, the loss history, and the run's settings."""
-
-    def __init__(self, path: Path, settings: dict):
-        self.settings = settings
-        self.mngr = ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
-
-    def restore(self, template):
-        """(step, tree, history) of the latest save, or (0, template, []) when there is none."""
-        step = self.mngr.latest_step()
-        if step is None:
-            return 0, template, []
-        got = self.mngr.restore(step, args=ocp.args.Composite(
-            leaves=ocp.args.StandardRestore(), info=ocp.args.JsonRestore()))
-        if got.info["settings"] != self.settings:
-            raise UserError(f"{self.mngr.directory} holds a run with other settings "
-                            f"({json.dumps(got.info['settings'])}); delete it or choose another --out")
-        leaves = [got.leaves[str(i)] for i in range(len(got.leaves))]
-        return step, jax.tree.unflatten(jax.tree.structure(template), leaves), got.info["history"]
-
-    def save(self, step: int, tree, history: list):
-        leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
-        self.mngr.save(step, args=ocp.args.Composite(
-            leaves=ocp.args.StandardSave(leaves),
-            info=ocp.args.JsonSave({"settings": self.settings, "history": history})))
-        self.mngr.wait_until_finished()
 
 
 def run_steps(store: StateStore, steps: list, tree, total: int, batch_fn, save_every: int, log_every: int,

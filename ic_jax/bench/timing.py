@@ -10,6 +10,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from ic_jax.outputs import atomic_write_text
+
 
 def median_time(fn, *args, warmup: int = 2, reps: int = 10, budget_s: float = 2.0, sample_s: float = 0.02) -> float:
     """Median time (s) per call of `fn(*args)`, after `warmup` calls (the first compiles). Each sample runs
@@ -59,5 +61,4 @@ def _fmt(v) -> str:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
