@@ -21,12 +21,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ic_jax.attention import RunOptions
 from ic_jax.checkpoint import StateStore, load_checkpoint, read_config, save_checkpoint, trained_seq_len
 from ic_jax.data import DEFAULT_DATA, load_split, training_batch
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.model import build_model, layer_params, top_params
 from ic_jax.pattern import parse_pattern
+from ic_jax.run_options import RunOptions
 from ic_jax.train import graphdef_for, make_step, run_steps
 
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     batches = lambda i: training_batch(np.random.default_rng([a.seed, i]), train, a.batch, seq_len,  # noqa: E731
                                        a.retrieval_frac)
     settings = {k: v for k, v in vars(a).items() if k not in ("json", "save_every")}
-    opts = RunOptions(collect=True, index_block=seq_len)
+    opts = RunOptions(mode="train", index_block=seq_len)
     all_f = "F" * n
 
     graphdef, params = nnx.split(load_checkpoint(a.ckpt, all_f))

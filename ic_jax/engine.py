@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ic_jax.attention import RunOptions
 from ic_jax.model import DSAModel
+from ic_jax.run_options import RunOptions
 from ic_jax.sampling import Sampling, sample
 from ic_jax.sharding import cache_sharding
 
@@ -29,7 +29,7 @@ from ic_jax.sharding import cache_sharding
 def prefill_chunk(graphdef, params, tokens, positions, cache, last, opts: RunOptions):
     """Runs one chunk; returns the logits at row `last[b]` of each sequence, and the cache."""
     model = nnx.merge(graphdef, params)
-    h, cache = model(tokens, positions, cache, opts)
+    h, cache, _ = model(tokens, positions, cache, opts)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     return model.logits(h_last), cache
 
@@ -38,7 +38,7 @@ def prefill_chunk(graphdef, params, tokens, positions, cache, last, opts: RunOpt
 def decode_step(graphdef, params, token, position, cache, key, opts: RunOptions, sampling: Sampling):
     """Feeds token[b] at position[b]; returns the sampled next token, its logits, and the cache."""
     model = nnx.merge(graphdef, params)
-    h, cache = model(token[:, None], position[:, None], cache, opts)
+    h, cache, _ = model(token[:, None], position[:, None], cache, opts)
     logits = model.logits(h[:, 0])
     return sample(logits, key, sampling), logits, cache
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ic_jax.attention import RunOptions
 from ic_jax.checkpoint import default_pattern, load_checkpoint, read_config, trained_seq_len
 from ic_jax.data import ANSWER_DIGITS, DEFAULT_DATA, Corpus, load_split, resolve_files, retrieval_set
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.outputs import atomic_write_text
 from ic_jax.pattern import parse_pattern
 from ic_jax.reuse import ReuseEvaluator
+from ic_jax.run_options import RunOptions
 
 
 def retrieval_scores(ev: ReuseEvaluator, own, tokens: np.ndarray, starts: np.ndarray) -> tuple[float, float]:

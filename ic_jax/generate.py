@@ -18,7 +18,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ic_jax.attention import RunOptions
 from ic_jax.checkpoint import load_checkpoint
 from ic_jax.config import load_config
 from ic_jax.engine import Engine
@@ -27,6 +26,7 @@ from ic_jax.model import DSAModel, moe_layers
 from ic_jax.package_data import DEFAULT_CKPT
 from ic_jax.pallas.dispatch import MODEL_IMPLS
 from ic_jax.pattern import describe_layout, parse_pattern
+from ic_jax.run_options import RunOptions
 from ic_jax.sampling import Sampling
 from ic_jax.sharding import init_distributed, make_mesh, parse_mesh, shard_model
 from ic_jax.tokenizer import load_tokenizer

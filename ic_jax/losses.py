@@ -1,7 +1,7 @@
 """Losses: next-token cross-entropy, and the indexer's KL losses (DeepSeek's and IndexCache's multi-layer one).
 
 Each layer's target p_t is its head-averaged attention distribution over the keys it attended to (from
-`RunOptions(collect=True)`); the indexer's distribution is q_t = softmax(I_t) over the same keys. In the
+`RunOptions(mode="train")`); the indexer's distribution is q_t = softmax(I_t) over the same keys. In the
 dense stage those are all visible keys, in the sparse stage the selected ones.
 """
 

@@ -4,12 +4,17 @@ A pattern such as FSSS on 8 MoE layers becomes one stage: a `jax.lax.scan` of le
 four stacked blocks [F S S S]. Inside a group the F block runs the indexer and hands its top-k indices
 to the S blocks, which hold no indexer weights and no indexer key cache, so their trace has no indexer
 ops. The caches (latent c_kv, RoPE key, indexer key) are stacked the same way and updated in place.
+
+A pattern can also be runtime data: an all-F model given a flag array `own[N]` runs layer i's top-k where
+own[i] and otherwise keeps the indices carried from the last layer that ran its own. That is the same function
+as the pattern's model (the ignored indexers still run), and one compiled program serves every pattern
+(search, evaluation: `ic_jax.reuse`).
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,14 +22,22 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from ic_jax import pallas as ops
-from ic_jax.attention import MLA, Indexer, RunOptions, dense_attention, select_topk, sparse_attention
+from ic_jax.attention import MLA, Indexer, dense_attention, select_topk, sparse_attention
 from ic_jax.config import ModelConfig
 from ic_jax.layers import DenseFFN, MoE, RMSNorm, dtype_of, param
 from ic_jax.pallas.indexer_logits.reference import quantize_fp8
 from ic_jax.pattern import LayerKind, Stage, build_stages
+from ic_jax.run_options import RunOptions
 
 Cache = list  # per stage, per group position: {"kv", "k_rope"[, "index_k"[, "index_k8", "index_k_scale"]]},
 #   each [repeats, B, T_max, dim]; the last two (F layers with indexer_fp8) hold the keys in e4m3 with a scale each
+
+
+class Output(NamedTuple):
+    """What the forward pass returns in every mode (see `RunOptions`)."""
+
+    logits: Float[Array, "B T V"]
+    aux: list[dict]  # one dict per layer, in layer order (see `Block.__call__`); empty dicts in "infer" mode
 
 
 def moe_layers(cfg: ModelConfig) -> list[bool]:
@@ -51,12 +64,12 @@ class Block(nnx.Module):
                     else DenseFFN(cfg.hidden_size, cfg.intermediate_size, dtype_of(cfg), rngs, stack, out_std))
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], kv_len: Int[Array, "B"],
-                 cache: dict, layer, indices: Int[Array, "B T K"] | None, opts: RunOptions, use_own=None,
+                 cache: dict, layer, indices: Int[Array, "B T K"], opts: RunOptions, own: Array | None = None,
                  experts: tuple | None = None):
-        """Returns (x, cache, indices, aux). An F block selects its own top-k, unless the traced flag
-        `use_own` is given and False: then it uses the carried `indices` (see `ic_jax.reuse`).
-        With `opts.collect`, aux holds "attn" (head-averaged probabilities [B, T, S]), "indices", and for F
-        blocks the indexer "logits" [B, T, S], computed from detached inputs; else aux is None.
+        """Returns (x, cache, indices, aux). An F block selects its own top-k, unless the traced runtime flag
+        `own` is given and False: then it keeps the carried `indices` (see the module docstring).
+        In "train" mode aux holds "attn" (head-averaged probabilities [B, T, S]), "indices", and for F blocks
+        the indexer "logits" [B, T, S], computed from detached inputs; in "infer" mode it is empty.
         `experts`: the layer group's stacked routed-expert weights, for a MoE block (see `MoE.__call__`)."""
         cfg = self.cfg
         h = self.attn_norm(x)
@@ -64,7 +77,7 @@ class Block(nnx.Module):
         c_kv, k_rope = self.attn.latents(h, positions)
         cache = dict(cache, kv=write_cache(cache["kv"], layer, c_kv, positions),
                      k_rope=write_cache(cache["k_rope"], layer, k_rope, positions))
-        aux = {}
+        train, aux = opts.mode == "train", {}
         if self.indexer is not None:
             with jax.named_scope("indexer"):
                 h_i, cq_i = jax.lax.stop_gradient((h, cq))  # the indexer learns only from its own loss
@@ -76,15 +89,15 @@ class Block(nnx.Module):
                     k8, k_scale = quantize_fp8(jax.lax.stop_gradient(new_keys))
                     cache["index_k8"] = write_cache(cache["index_k8"], layer, k8, positions)
                     cache["index_k_scale"] = write_cache(cache["index_k_scale"], layer, k_scale[..., None], positions)
-                    own = select_topk(q_idx, cache["index_k8"], w_idx, positions, kv_len, cfg.index_topk, opts, layer,
-                                      k_scale=cache["index_k_scale"][..., 0])
+                    selected = select_topk(q_idx, cache["index_k8"], w_idx, positions, kv_len, cfg.index_topk, opts,
+                                           layer, k_scale=cache["index_k_scale"][..., 0])
                 else:
-                    own = select_topk(q_idx, keys, w_idx, positions, kv_len, cfg.index_topk, opts, layer)
-                indices = own if use_own is None else jnp.where(use_own, own, indices)
-                if opts.collect:  # the KL loss differentiates these: bf16 even with cfg.indexer_fp8
+                    selected = select_topk(q_idx, keys, w_idx, positions, kv_len, cfg.index_topk, opts, layer)
+                indices = selected if own is None else jnp.where(own, selected, indices)
+                if train:  # the KL loss differentiates these: bf16 even with cfg.indexer_fp8
                     aux["logits"] = ops.indexer_logits(q_idx, keys[layer], w_idx, positions, kv_len,
                                                        implementation="xla")
-        if opts.collect:
+        if train:
             o_lat, aux["attn"] = dense_attention(q_lat, q_rope, cache["kv"][layer], cache["k_rope"][layer],
                                                  indices, cfg)
             aux["indices"] = indices
@@ -93,7 +106,7 @@ class Block(nnx.Module):
         x = x + self.attn.output(o_lat)
         stacked = {} if experts is None else {"stacked": (*experts, layer)}
         x = x + self.ffn(self.ffn_norm(x), opts.implementation, opts.interpret, **stacked)
-        return x, cache, indices, aux if opts.collect else None
+        return x, cache, indices, aux
 
 
 class LayerGroup(nnx.Module):
@@ -103,8 +116,9 @@ class LayerGroup(nnx.Module):
         self.stage = stage
         self.blocks = nnx.List([Block(cfg, kind, rngs, stack=(stage.repeats,)) for kind in stage.kinds])
 
-    def run(self, x, positions, kv_len, caches: list[dict], indices, opts: RunOptions):
-        """Scans the group; `indices` (the last F layer's top-k before this stage) flow through it."""
+    def run(self, x, positions, kv_len, caches: list[dict], indices, opts: RunOptions, own: Array | None = None):
+        """Scans the group; `indices` (the last F layer's top-k before this stage) flow through it.
+        `own`: the runtime flags of all layers (see the module docstring), or None."""
         graphdef, params = nnx.split(self)
         tags = [k.tag for k in self.stage.kinds]
         # closed over whole, so that the expert kernels read each layer's experts in place (see `MoE.__call__`)
@@ -116,8 +130,9 @@ class LayerGroup(nnx.Module):
             group = nnx.merge(graphdef, p)
             caches, aux = list(caches), []
             for pos, block in enumerate(group.blocks):
+                flag = None if own is None else own[self.stage.layer_id(rep, pos)]
                 with jax.named_scope(f"layer_{tags[pos]}"):
-                    x, caches[pos], indices, a = block(x, positions, kv_len, caches[pos], rep, indices, opts,
+                    x, caches[pos], indices, a = block(x, positions, kv_len, caches[pos], rep, indices, opts, flag,
                                                        experts=experts[pos])
                 aux.append(a)
             return (x, caches, indices, rep + 1), aux
@@ -139,26 +154,36 @@ class DSAModel(nnx.Module):
         self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
 
     def __call__(self, tokens: Int[Array, "B T"], positions: Int[Array, "B T"], cache: Cache,
-                 opts: RunOptions):
+                 opts: RunOptions, own: Array | None = None):
         """Runs all layers on a chunk of tokens at `positions`, writing the chunk into the cache.
 
         Each query sees cache entries s <= its position: prefill chunks, one-shot prefill and decode
-        steps are all this call. Returns the final-normed hidden states and the cache, and with
-        `opts.collect` a third item: one aux dict per layer, in layer order (see `Block.__call__`).
+        steps are all this call. Returns the final-normed hidden states, the cache, and one aux dict per
+        layer, in layer order (see `Block.__call__`). `own` (bool [N], own[0] True) runs the all-F model
+        under that pattern (see the module docstring).
         """
+        if own is not None:
+            own = self._checked_flags(own)
         x = self.embed[...][tokens]
         t_max = cache[0][0]["kv"].shape[2]
         kv_len = jnp.minimum(jnp.max(positions, axis=1) + 1, t_max).astype(jnp.int32)
         new_cache, aux = [], [None] * self.cfg.num_hidden_layers
         indices = jnp.full((*tokens.shape, self.cfg.index_topk), -1, jnp.int32)  # layer 0 is F: never read
         for group, stage, c in zip(self.groups, self.stage_specs, cache):
-            x, c, indices, ys = group.run(x, positions, kv_len, c, indices, opts)
+            x, c, indices, ys = group.run(x, positions, kv_len, c, indices, opts, own)
             new_cache.append(c)
-            if opts.collect:
-                for pos, rep in itertools.product(range(len(stage.kinds)), range(stage.repeats)):
-                    aux[stage.layer_id(rep, pos)] = jax.tree.map(lambda a: a[rep], ys[pos])
-        h = self.final_norm(x)
-        return (h, new_cache, aux) if opts.collect else (h, new_cache)
+            for pos, rep in itertools.product(range(len(stage.kinds)), range(stage.repeats)):
+                aux[stage.layer_id(rep, pos)] = jax.tree.map(lambda a: a[rep], ys[pos])
+        return self.final_norm(x), new_cache, aux
+
+    def _checked_flags(self, own) -> Array:
+        n = self.cfg.num_hidden_layers
+        if "S" in self.pattern:
+            raise ValueError(f"runtime flags need the all-F model (repattern it to {'F' * n!r}), not {self.pattern!r}")
+        own = jnp.asarray(own, bool)
+        if own.shape != (n,):
+            raise ValueError(f"runtime flags have shape {own.shape}, the model needs ({n},)")
+        return own
 
     def logits(self, h: Float[Array, "... D"]) -> Float[Array, "... V"]:
         return jnp.einsum("...d,dv->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
@@ -166,14 +191,14 @@ class DSAModel(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> Cache:
         return init_cache(self.cfg, self.stage_specs, batch, max_len)
 
-    def forward(self, tokens: Int[Array, "B T"], opts: RunOptions = RunOptions()):
-        """Full-sequence logits with a fresh cache: the plain forward pass (training, evaluation, tests).
-
-        With `opts.collect`, returns (logits, per-layer aux)."""
+    def forward(self, tokens: Int[Array, "B T"], opts: RunOptions = RunOptions(), own: Array | None = None
+                ) -> Output:
+        """Full-sequence logits and per-layer aux with a fresh cache: the plain forward pass (training,
+        evaluation, tests). `own`: runtime flags, as in `__call__`."""
         B, T = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        out = self(tokens, positions, self.init_cache(B, T), opts)
-        return (self.logits(out[0]), out[2]) if opts.collect else self.logits(out[0])
+        h, _, aux = self(tokens, positions, self.init_cache(B, T), opts, own)
+        return Output(self.logits(h), aux)
 
 
 def init_cache(cfg: ModelConfig, stages: tuple[Stage, ...], batch: int, max_len: int) -> Cache:

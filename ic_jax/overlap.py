@@ -20,12 +20,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ic_jax.attention import RunOptions, selection_mask
+from ic_jax.attention import selection_mask
 from ic_jax.checkpoint import load_checkpoint, read_config, trained_seq_len
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
 from ic_jax.outputs import atomic_write_text
 from ic_jax.pattern import parse_pattern
 from ic_jax.plots import overlap_heatmap
+from ic_jax.run_options import RunOptions
 from ic_jax.search import calibration
 from ic_jax.data import DEFAULT_DATA
 
@@ -34,7 +35,7 @@ from ic_jax.data import DEFAULT_DATA
 def overlap_counts(graphdef, params, tokens):
     """Sum over counted tokens of |T_i ∩ T_j| [N, N], and the number of counted tokens."""
     model = nnx.merge(graphdef, params)
-    _, aux = model.forward(tokens, RunOptions(collect=True, index_block=tokens.shape[1]))
+    _, aux = model.forward(tokens, RunOptions(mode="train", index_block=tokens.shape[1]))
     k, T = model.cfg.index_topk, tokens.shape[1]
     masks = jnp.stack([selection_mask(a["indices"], T)[:, k - 1:] for a in aux]).astype(jnp.float32)
     return jnp.einsum("ibts,jbts->ij", masks, masks), masks.shape[1] * masks.shape[2]

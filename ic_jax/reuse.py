@@ -2,9 +2,9 @@
 
 A pattern normally compiles into its own scans (`ic_jax.pattern.build_stages`), so N patterns cost N
 compilations (seconds to minutes each for a deep model). Here the model is kept all-F and the pattern is a
-boolean array `own[N]`: layer i selects with its own indexer where own[i], else it keeps the indices
-carried from the last layer that did. That is the same function as the pattern's model (S layers' own
-indexers run but are ignored); tests check the two agree. Search, evaluation and the overlap analysis use it.
+boolean array `own[N]` given to the model's forward (see `ic_jax.model`): layer i selects with its own indexer
+where own[i], else it keeps the indices carried from the last layer that did. Search, evaluation and training's
+held-out report use it.
 
 Calibration batches are mapped inside the jitted program, and several patterns are stacked into one call
 (`mean_losses`), so a greedy-search step is a few dispatches of one program.
@@ -19,31 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ic_jax.attention import RunOptions
 from ic_jax.losses import token_losses
 from ic_jax.model import DSAModel, repattern
-
-
-def reuse_logits(model: DSAModel, tokens, own, opts: RunOptions):
-    """Logits [B, T, V] of the all-F `model` under the pattern `own` (bool [N]; own[0] must be True)."""
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    kv_len = jnp.full((B,), T, jnp.int32)
-    x = model.embed[...][tokens]
-    indices = jnp.zeros((B, T, model.cfg.index_topk), jnp.int32)
-    for group, stage, cache in zip(model.groups, model.stage_specs, model.init_cache(B, T)):
-        graphdef, params = nnx.split(group)
-
-        def body(carry, p, stage=stage, graphdef=graphdef):
-            x, caches, indices, rep = carry
-            caches = list(caches)
-            for pos, block in enumerate(nnx.merge(graphdef, p).blocks):
-                flag = own[stage.first_layer + rep * len(stage.kinds) + pos]
-                x, caches[pos], indices, _ = block(x, positions, kv_len, caches[pos], rep, indices, opts, flag)
-            return (x, caches, indices, rep + 1), None
-
-        (x, _, indices, _), _ = jax.lax.scan(body, (x, cache, indices, jnp.int32(0)), params)
-    return model.logits(model.final_norm(x))
+from ic_jax.run_options import RunOptions
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -52,7 +30,7 @@ def _run(graphdef, opts, params, batches, own):
     model = nnx.merge(graphdef, params)
 
     def one(tokens):
-        logits = reuse_logits(model, tokens, own, opts)
+        logits = model.forward(tokens, opts, own).logits
         return token_losses(logits, tokens), jnp.argmax(logits, -1)
 
     losses, argmax = jax.lax.map(one, batches)
@@ -64,13 +42,21 @@ def _many(graphdef, opts, params, batches, owns):
     return jax.lax.map(lambda own: _run(graphdef, opts, params, batches, own)[0].mean(), owns)
 
 
+def checked_flags(own) -> np.ndarray:
+    """Runtime flags as a bool array [..., N]; layer 0 has no earlier top-k to keep, so it runs its own."""
+    own = np.asarray(own, bool)
+    if not own[..., 0].all():
+        raise ValueError("a runtime pattern has layer 0 keeping indices: layer 0 must run its own indexer")
+    return own
+
+
 class ReuseEvaluator:
     """Per-token losses and argmaxes of one all-F model under runtime patterns, `batch` sequences at a time.
     Models of one config share the compiled programs."""
 
     def __init__(self, model: DSAModel, batch: int = 8, opts: RunOptions | None = None):
-        model = model if all(k.full for s in model.stage_specs for k in s.kinds) else repattern(
-            model, "F" * model.cfg.num_hidden_layers)
+        if "S" in model.pattern:
+            model = repattern(model, "F" * model.cfg.num_hidden_layers)
         self.graphdef, self.params = nnx.split(model)
         self.batch = batch
         self.opts = opts or RunOptions()
@@ -83,7 +69,7 @@ class ReuseEvaluator:
 
     def run(self, own, tokens):
         batches, n = self._batched(tokens)
-        losses, argmax = _run(self.graphdef, self.opts, self.params, batches, jnp.asarray(own, bool))
+        losses, argmax = _run(self.graphdef, self.opts, self.params, batches, jnp.asarray(checked_flags(own)))
         return np.asarray(losses)[:n], np.asarray(argmax)[:n]
 
     def token_losses(self, own, tokens) -> np.ndarray:
@@ -92,7 +78,7 @@ class ReuseEvaluator:
     def mean_losses(self, owns, tokens, chunk: int = 4) -> np.ndarray:
         """Mean token loss of each pattern in `owns` [P, N]: `chunk` patterns per call (the last chunk is
         padded), so any number of candidates runs on one compiled program."""
-        owns = np.asarray(owns, bool)
+        owns = checked_flags(owns)
         batches, n = self._batched(tokens)
         if n != len(tokens):
             raise ValueError(f"the calibration set ({len(tokens)} sequences) must be a multiple of the batch")

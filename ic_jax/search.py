@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from ic_jax.attention import RunOptions
 from ic_jax.checkpoint import load_checkpoint, read_config, trained_seq_len
 from ic_jax.data import DEFAULT_DATA, Corpus, load_split, resolve_files
 from ic_jax.errors import ArgumentParser, UserError, cli_entry
@@ -44,6 +43,7 @@ from ic_jax.outputs import atomic_write_text
 from ic_jax.pattern import keep_pattern
 from ic_jax.plots import curves
 from ic_jax.reuse import ReuseEvaluator
+from ic_jax.run_options import RunOptions
 
 
 def flags(pattern: str) -> list[bool]:
@@ -85,7 +85,7 @@ def measure_pattern_compile(model, tokens, pattern: str, opts: RunOptions) -> fl
     """Seconds to compile one real pattern model's loss: what a per-pattern search pays per candidate."""
     m = repattern(model, pattern)
     t = time.perf_counter()
-    jax.jit(lambda x: lm_loss(m.forward(x, opts), x)).lower(jnp.asarray(tokens)).compile()
+    jax.jit(lambda x: lm_loss(m.forward(x, opts).logits, x)).lower(jnp.asarray(tokens)).compile()
     return time.perf_counter() - t
 
 

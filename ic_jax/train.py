@@ -30,7 +30,6 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from ic_jax.attention import RunOptions
 from ic_jax.checkpoint import StateStore, save_checkpoint
 from ic_jax.config import load_config
 from ic_jax.data import DEFAULT_DATA, load_split, training_batch
@@ -39,6 +38,7 @@ from ic_jax.losses import indexer_loss, lm_loss
 from ic_jax.model import DSAModel
 from ic_jax.plots import curves
 from ic_jax.reuse import ReuseEvaluator
+from ic_jax.run_options import RunOptions
 
 
 def graphdef_for(cfg, pattern: str):
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     graphdef, params = nnx.split(model)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
         optax.warmup_cosine_decay_schedule(0.0, a.lr, min(a.warmup, a.steps - 1), a.steps, a.lr * 0.1), weight_decay=0.01))
-    opts = RunOptions(collect=True, remat=a.remat, index_block=a.seq_len)
+    opts = RunOptions(mode="train", remat=a.remat, index_block=a.seq_len)
     dense = make_step(graphdef_for(cfg.replace(index_topk=max(cfg.index_topk, a.seq_len)), all_f), tx, opts, all_f, 1.0)
     sparse = make_step(graphdef, tx, opts, all_f, 1.0)
     settings = {k: v for k, v in vars(a).items() if k not in ("json", "save_every", "log_every", "remat", "time_limit")}

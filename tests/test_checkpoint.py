@@ -39,7 +39,8 @@ def test_load_with_pattern_drops_unused_indexers(tmp_path):
     loaded = checkpoint.load_checkpoint(tmp_path / "ck", "freq:4")
     n_params = lambda m: sum(x.size for x in jax.tree.leaves(params(m)))
     assert n_params(loaded) < n_params(model)
-    np.testing.assert_allclose(np.asarray(loaded.forward(TOKENS)), np.asarray(repattern(model, loaded.pattern).forward(TOKENS)),
+    np.testing.assert_allclose(np.asarray(loaded.forward(TOKENS).logits),
+                               np.asarray(repattern(model, loaded.pattern).forward(TOKENS).logits),
                                rtol=1e-6, atol=1e-6)
 
 
@@ -54,8 +55,8 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         checkpoint.save_checkpoint(tmp_path / "ck", DSAModel(CFG, "F" * 8, nnx.Rngs(2)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
-    np.testing.assert_array_equal(np.asarray(checkpoint.load_checkpoint(tmp_path / "ck").forward(TOKENS)),
-                                  np.asarray(old.forward(TOKENS)))
+    np.testing.assert_array_equal(np.asarray(checkpoint.load_checkpoint(tmp_path / "ck").forward(TOKENS).logits),
+                                  np.asarray(old.forward(TOKENS).logits))
 
 
 def test_mismatched_config_is_refused(tmp_path):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ic_jax.attention import RunOptions
 from ic_jax.config import load_config
 from ic_jax.engine import Engine, decode_step
 from ic_jax.model import DSAModel, repattern
 from ic_jax.pallas.indexer_logits.reference import quantize_fp8
+from ic_jax.run_options import RunOptions
 from ic_jax.sampling import Sampling
 
 CFG = load_config("tiny").replace(dtype="float32", index_topk=4)
@@ -27,7 +27,7 @@ def random_model(pattern, seed=0):
 
 
 def full_logits(model, seq):
-    return np.asarray(model.forward(jnp.asarray([seq], jnp.int32))[0])
+    return np.asarray(model.forward(jnp.asarray([seq], jnp.int32)).logits[0])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -113,6 +113,6 @@ def test_patterns_share_weights_but_s_layers_change_the_output():
     full = random_model("F" * 8, seed=4)
     shared = repattern(full, "FSSSSSSS")
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (1, 16)), jnp.int32)
-    diff = np.abs(np.asarray(full.forward(tokens)) - np.asarray(shared.forward(tokens)))
+    diff = np.abs(np.asarray(full.forward(tokens).logits) - np.asarray(shared.forward(tokens).logits))
     assert diff[0, :4].max() < 1e-5  # top-k >= visible keys: every layer sees everything
     assert diff[0, 8:].max() > 1e-3

@@ -54,7 +54,7 @@ def test_eval_rows_equal_direct_forward_passes(tmp_path, capsys):
     tokens = jnp.asarray(Corpus(resolve_files(DATA)).windows(np.random.default_rng(99), 3, 40))
     for row, pattern in zip(rows, ["FFFFFFFF", "FSSSFSSS"]):
         assert row["pattern"] == pattern and row["indexers"] == pattern.count("F")
-        want = float(lm_loss(repattern(model, pattern).forward(tokens), tokens))
+        want = float(lm_loss(repattern(model, pattern).forward(tokens).logits, tokens))
         assert row["loss"] == pytest.approx(want, abs=1e-4)
         assert 0 <= row["retrieval@128"] <= 1 and row["answer_nll@128"] > 0
 

@@ -16,10 +16,11 @@ from flax import nnx
 
 import ic_jax.model as model_mod
 from ic_jax import pallas as ops
-from ic_jax.attention import Indexer, RunOptions
+from ic_jax.attention import Indexer
 from ic_jax.losses import indexer_loss, lm_loss
 from ic_jax.model import DSAModel
 from ic_jax.pattern import parse_pattern
+from ic_jax.run_options import RunOptions
 
 T = 24
 
@@ -35,7 +36,7 @@ def tokens_for(cfg, seed, batch=2, length=T):
 
 @nnx.jit
 def forward(model, tokens):
-    return model.forward(tokens)
+    return model.forward(tokens).logits
 
 
 def assert_logits_close(got, want, rtol=1e-4):
@@ -126,7 +127,7 @@ def run_dsa_check(model, tok, ref, monkeypatch, opts=RunOptions()):
     """Runs the jitted forward while recording every layer's indices; checks them (F layers: a valid top-k
     of the float64 indexer logits) and the logits against the float64 DSA reference."""
     rec = IndexRecorder(monkeypatch, model)
-    got = nnx.jit(lambda m, t: m.forward(t, opts))(model, jnp.asarray(tok))  # a fresh trace sees the recorder
+    got = nnx.jit(lambda m, t: m.forward(t, opts).logits)(model, jnp.asarray(tok))  # a fresh trace sees the recorder
     idx = rec.per_layer()
     monkeypatch.undo()
     want, info = ref.model_forward(model, tok, mode="dsa", model_indices=idx)
@@ -324,12 +325,12 @@ def test_fp8_indexer_forward_and_gradients(tiny_cfg):
     model = DSAModel(cfg, "F" * 8, nnx.Rngs(0))
     tok = jnp.asarray(tokens_for(cfg, 7))
     assert "f8_e4m3fn" in str(jax.make_jaxpr(lambda t: model.forward(t))(tok))
-    xla = model.forward(tok, RunOptions(implementation="xla"))
-    assert_logits_close(model.forward(tok, RunOptions(implementation="pallas_gpu", interpret=True)), xla)
+    xla = model.forward(tok, RunOptions(implementation="xla")).logits
+    assert_logits_close(model.forward(tok, RunOptions(implementation="pallas_gpu", interpret=True)).logits, xla)
     graphdef, params = nnx.split(model)
 
     def loss(p):
-        logits, aux = nnx.merge(graphdef, p).forward(tok, RunOptions(collect=True, index_block=T))
+        logits, aux = nnx.merge(graphdef, p).forward(tok, RunOptions(mode="train", index_block=T))
         return lm_loss(logits, tok) + indexer_loss(aux, "F" * 8)
 
     grads = jax.tree_util.tree_leaves_with_path(jax.grad(loss)(params))

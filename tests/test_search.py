@@ -32,8 +32,17 @@ def test_runtime_pattern_equals_the_pattern_model(model):
     ev = ReuseEvaluator(model, batch=2)
     for pattern in ["FFFFFFFF", "FSSFSFSS", "FSSSSSSS", "FFSSFFFS"]:
         got = ev.token_losses(search.flags(pattern), tokens)
-        want = token_losses(repattern(model, pattern).forward(jnp.asarray(tokens)), jnp.asarray(tokens))
+        want = token_losses(repattern(model, pattern).forward(jnp.asarray(tokens)).logits, jnp.asarray(tokens))
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_runtime_flags_need_the_all_f_model_and_layer_0(model):
+    with pytest.raises(ValueError, match="all-F model"):
+        repattern(model, "FSSSFSSS").forward(jnp.zeros((1, 4), jnp.int32), own=search.flags("F" * 8))
+    with pytest.raises(ValueError, match="shape"):
+        model.forward(jnp.zeros((1, 4), jnp.int32), own=search.flags("F" * 4))
+    with pytest.raises(ValueError, match="layer 0"):
+        ReuseEvaluator(model, batch=2).token_losses(search.flags("SFFFFFFF"), np.zeros((2, 8), np.int32))
 
 
 def test_greedy_finds_planted_lossless_layers(model):
@@ -50,15 +59,16 @@ def test_greedy_finds_planted_lossless_layers(model):
                                               "q_norm": donor["attn"]["q_norm"]}})
     top = dict(top_params(model), lm_head=top_params(model)["lm_head"] * 1000)
     planted = build_model(CFG, "F" * 8, layers, top)
-    fwd = jax.jit(lambda t: jnp.argmax(planted.forward(t), -1))
+    fwd = jax.jit(lambda t: jnp.argmax(planted.forward(t).logits, -1))
     tokens = jax.random.randint(jax.random.key(3), (4, 48), 0, 256)
     for _ in range(48):  # greedy continuation: a fixed point after T rounds
         tokens = jnp.concatenate([tokens[:, :1], fwd(tokens)[:, :-1]], axis=1)
     tokens = np.asarray(tokens)
-    base = float(lm_loss(planted.forward(jnp.asarray(tokens)), jnp.asarray(tokens)))
+    base = float(lm_loss(planted.forward(jnp.asarray(tokens)).logits, jnp.asarray(tokens)))
     for i in (1, 4, 7):  # premise, on real pattern models: other single flips hurt
         pattern = "F" * i + "S" + "F" * (7 - i)
-        assert float(lm_loss(repattern(planted, pattern).forward(jnp.asarray(tokens)), jnp.asarray(tokens))) > base
+        logits = repattern(planted, pattern).forward(jnp.asarray(tokens)).logits
+        assert float(lm_loss(logits, jnp.asarray(tokens))) > base
     ev = ReuseEvaluator(planted, batch=2)
     pattern, committed = "F" * 8, []
     for _ in range(2):

@@ -27,13 +27,13 @@ SCRIPT = textwrap.dedent("""
     prompts = [list(np.random.default_rng(b).integers(0, 256, 5 + b)) for b in range(4)]
     ref_out, _ = Engine(model).generate(prompts, 6, chunk_size=4)
     tokens = jnp.asarray(np.random.default_rng(9).integers(0, 256, (4, 16)), jnp.int32)
-    ref = np.asarray(model.forward(tokens))
+    ref = np.asarray(model.forward(tokens).logits)
     mesh = make_mesh(parse_mesh("data=2,tensor=2"))
     shard_model(model, mesh)
     assert model.lm_head.get_value().sharding.spec == P(None, "tensor")
     assert model.groups[-1].blocks[0].ffn.w_gate.get_value().sharding.spec == P(None, None, None, "tensor")
     assert len(model.lm_head.get_value().sharding.device_set) == 4
-    out = np.asarray(jax.jit(lambda t: model.forward(t))(tokens))
+    out = np.asarray(jax.jit(lambda t: model.forward(t).logits)(tokens))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     engine = Engine(model, mesh=mesh)
     assert engine.new_cache(4, 8)[0][0]["kv"].sharding.spec == P(None, "data", None, None)

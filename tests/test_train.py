@@ -1,32 +1,33 @@
-"""Training: the collect path, loss isolation, and exact resumption of a killed run."""
+"""Training: the train mode, loss isolation, and exact resumption of a killed run."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from ic_jax import train
-from ic_jax.attention import RunOptions
 from ic_jax.checkpoint import load_checkpoint
 from ic_jax.config import load_config
 from ic_jax.losses import indexer_loss, lm_loss
 from ic_jax.model import DSAModel, layer_params
+from ic_jax.run_options import RunOptions
 
 CFG = load_config("tiny")
 
 
-def test_collect_matches_forward_and_isolates_the_indexer():
+def test_train_mode_matches_forward_and_isolates_the_indexer():
     model = DSAModel(CFG, "FSSFSFSS", nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 256)
-    logits, aux = model.forward(tokens, RunOptions(collect=True))
-    np.testing.assert_allclose(logits, model.forward(tokens), atol=1e-4)
+    logits, aux = model.forward(tokens, RunOptions(mode="train"))
+    np.testing.assert_allclose(logits, model.forward(tokens).logits, atol=1e-4)
     np.testing.assert_allclose(aux[1]["attn"].sum(-1), 1.0, atol=1e-5)
     assert "logits" in aux[0] and "logits" not in aux[1]
     graphdef, params = nnx.split(model)
 
     def grads(loss):
         def f(p):
-            lg, ax = nnx.merge(graphdef, p).forward(tokens, RunOptions(collect=True))
+            lg, ax = nnx.merge(graphdef, p).forward(tokens, RunOptions(mode="train"))
             return loss(lg, ax)
         g = nnx.merge(graphdef, jax.grad(f)(params))
         return [(jax.tree_util.keystr(k), float(jnp.abs(v).max())) for k, v in
@@ -36,6 +37,14 @@ def test_collect_matches_forward_and_isolates_the_indexer():
     assert all(v == 0 for k, v in kl if "indexer" not in k) and any(v > 0 for k, v in kl if "indexer" in k)
     lm = grads(lambda lg, ax: lm_loss(lg, tokens))
     assert all(v == 0 for k, v in lm if "indexer" in k) and any(v > 0 for k, v in lm)
+
+
+def test_infer_mode_returns_the_same_structure_with_empty_aux():
+    model = DSAModel(CFG, "FSSFSFSS", nnx.Rngs(0))
+    out = jax.eval_shape(lambda t: model.forward(t), jax.ShapeDtypeStruct((2, 24), jnp.int32))
+    assert out.logits.shape == (2, 24, CFG.vocab_size) and out.aux == [{}] * 8
+    with pytest.raises(ValueError, match="mode"):
+        RunOptions(mode="collect")
 
 
 def test_killed_training_resumes_to_the_same_model(tmp_path, monkeypatch):
