@@ -28,7 +28,6 @@ from ic_jax.model import DSAModel
 from ic_jax.outputs import atomic_write_text, check_output_file
 from ic_jax.pattern import parse_pattern
 from ic_jax.run_options import RunOptions
-from ic_jax.run_options import RunOptions
 from ic_jax.sampling import Sampling
 
 PAPER = {  # context -> (prefill all-F s, prefill 1/4 s, decode all-F tok/s, decode 1/4 tok/s), SGLang on H100

@@ -33,7 +33,6 @@ from ic_jax.errors import UserError
 from ic_jax.outputs import atomic_write_text, check_output_file
 from ic_jax.pattern import parse_pattern
 from ic_jax.run_options import RunOptions
-from ic_jax.run_options import RunOptions
 from ic_jax.sampling import Sampling
 
 PROFILED_STEPS = 3
