@@ -31,7 +31,7 @@ import tensorstore as ts
 from ic_jax.config import ModelConfig
 from ic_jax.errors import UserError
 from ic_jax.model import DSAModel, build_model, layer_params, top_params
-from ic_jax.outputs import atomic_write_text, claim_output_dir, new_temp_dir, publish_dir, read_json, remove_path
+from ic_jax.files import atomic_write_text, claim_output_dir, new_temp_dir, publish_dir, read_json, remove_path
 from ic_jax.pattern import PatternError, check_pattern, load_pattern_file, parse_pattern
 
 CHECKPOINT_FIX = "restore it from a copy or make the checkpoint again"

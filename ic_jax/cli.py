@@ -28,12 +28,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def entry(main):
     """Wraps a `main(argv) -> int` so that bad input ends the process with one line and exit code 2: a UserError,
-    and the device running out of memory (the message names what to lower)."""
+    and the device running out of memory (the message names what to lower). argparse's exits (bad flags, --help)
+    become return values too, so `main` always returns the exit code."""
 
     @functools.wraps(main)
     def wrapped(argv=None):
         try:
             return main(argv)
+        except SystemExit as e:
+            return 0 if e.code is None else e.code if isinstance(e.code, int) else 2
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
         except KeyboardInterrupt:
@@ -158,33 +161,3 @@ def check_context(length: int, cfg, flag: str) -> None:
     if length > cfg.max_position_embeddings:
         raise UserError(f"{flag} {length} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings}); "
                         f"lower {flag}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# reading input
-
-
-def decode_utf8(data: bytes, what: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
-                        f"convert it, e.g. with iconv -t utf-8") from None
-
-
-def read_text(path: str | Path, what: str) -> str:
-    """The UTF-8 text of a file the user named; `what` names it in the error ("prompt file x.txt")."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{what} not found")
-    if not path.is_file():
-        raise UserError(f"{what} is not a file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{what} cannot be read ({e.strerror})") from None
-    return decode_utf8(data, what)
-
-
-def read_stdin() -> str:
-    return decode_utf8(sys.stdin.buffer.read(), "standard input")

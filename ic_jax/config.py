@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ic_jax.cli import read_text
+from ic_jax.files import read_text
 from ic_jax.errors import UserError
 from ic_jax.package_data import CONFIG_DIR, shipped_path
 

@@ -22,6 +22,7 @@ import math
 import re
 
 from ic_jax.errors import UserError
+from ic_jax.files import read_text
 from ic_jax.package_data import shipped_path
 
 
@@ -82,7 +83,7 @@ def load_pattern_file(path: str) -> str:
     if not p.is_file():
         raise PatternError(f"pattern file {path!r} not found")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(read_text(p, f"pattern file {path!r}"))
     except json.JSONDecodeError as e:
         raise PatternError(f"pattern file {path!r} is not valid JSON ({e.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("pattern"), str):

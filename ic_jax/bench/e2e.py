@@ -25,7 +25,7 @@ from ic_jax.config import load_config
 from ic_jax.engine import Engine, decode_step, prefill_chunk
 from ic_jax.errors import UserError
 from ic_jax.model import DSAModel
-from ic_jax.outputs import atomic_write_text, check_output_file
+from ic_jax.files import atomic_write_text, check_output_file
 from ic_jax.pattern import parse_pattern
 from ic_jax.run_options import RunOptions
 from ic_jax.sampling import Sampling

@@ -35,7 +35,7 @@ from ic_jax.bench.flags import positive_int_list, subset
 from ic_jax.bench.timing import measure_ceilings, median_time, print_table, write_json
 from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, positive_int, size_list
 from ic_jax.errors import UserError
-from ic_jax.outputs import check_output_file
+from ic_jax.files import check_output_file
 from ic_jax.pallas import indexer_logits, sparse_mla, topk_indices
 from ic_jax.pallas.dispatch import pallas_name
 from ic_jax.pallas.indexer_logits.reference import quantize_fp8

@@ -10,9 +10,10 @@ import json
 import math
 from pathlib import Path
 
-from ic_jax.cli import ArgumentParser, entry, read_text
+from ic_jax.cli import ArgumentParser, entry
+from ic_jax.files import read_text
 from ic_jax.errors import UserError
-from ic_jax.outputs import check_output_file
+from ic_jax.files import check_output_file
 
 
 def is_rate(v) -> bool:

@@ -18,7 +18,7 @@ from ic_jax.bench.kernels import SCALE, TOPK, attempt, fp8_cache_args, indexer_i
 from ic_jax.bench.timing import print_table, write_json
 from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, size_list
 from ic_jax.errors import UserError
-from ic_jax.outputs import check_output_file
+from ic_jax.files import check_output_file
 from ic_jax.pallas.indexer_logits import gpu as indexer_gpu, reference as indexer_ref
 from ic_jax.pallas.indexer_logits.reference import fp8_inputs
 from ic_jax.pallas.sparse_mla import gpu as mla_gpu, reference as mla_ref

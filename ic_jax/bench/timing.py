@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from ic_jax.outputs import atomic_write_text
+from ic_jax.files import atomic_write_text
 
 
 def median_time(fn, *args, warmup: int = 2, reps: int = 10, budget_s: float = 2.0, sample_s: float = 0.02) -> float:

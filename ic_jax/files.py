@@ -1,5 +1,5 @@
-"""Where results go: checks made before any work, atomic writes, and replacing a folder without a moment
-when it is missing.
+"""Files the user names: their text read as checked UTF-8, and where results go (checks made before any work,
+atomic writes, replacing a folder without a moment when it is missing).
 
 Every write goes to a hidden sibling named `.NAME.tmp-PID-TOKEN` first and is then renamed into place, so an
 interrupted command leaves either the old result or the new one. A folder is swapped in with one atomic
@@ -24,6 +24,36 @@ from pathlib import Path
 from ic_jax.errors import UserError
 
 CHECKPOINT_FILES = ("config.json", "meta.json")  # with params/: what makes a folder an ic_jax checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading what the user gives
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
+                        f"convert it, e.g. with iconv -t utf-8") from None
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a file the user named; `what` names it in the error ("prompt file x.txt")."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} not found")
+    if not path.is_file():
+        raise UserError(f"{what} is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{what} cannot be read ({e.strerror})") from None
+    return decode_utf8(data, what)
+
+
+def read_stdin() -> str:
+    return decode_utf8(sys.stdin.buffer.read(), "standard input")
 
 
 # ----------------------------------------------------------------------------------------------------------

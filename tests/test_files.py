@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ic_jax import outputs
+from ic_jax import files
 from ic_jax.bench.timing import write_json
 from ic_jax.checkpoint import load_checkpoint, save_checkpoint
 from ic_jax.config import load_config
 from ic_jax.errors import UserError
 from ic_jax.model import DSAModel, layer_params
-from ic_jax.outputs import atomic_write_text, check_output_file, claim_output_dir, read_json
+from ic_jax.files import atomic_write_text, check_output_file, claim_output_dir, read_json
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_an_existing_file_is_refused_unless_overwrite(tmp_path, model):
         save_checkpoint(notes, model)
     assert listing(tmp_path) == {"notes.txt": b"mine"}
     save_checkpoint(notes, model, overwrite=True)
-    assert outputs.is_checkpoint(notes) and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert files.is_checkpoint(notes) and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_a_checkpoint_is_replaced_by_a_new_one(tmp_path, model):
@@ -88,7 +88,7 @@ def test_a_checkpoint_is_replaced_by_a_new_one(tmp_path, model):
 
 
 def test_without_an_atomic_exchange_the_old_one_is_renamed_aside(tmp_path, model, monkeypatch):
-    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     ck = tmp_path / "ck"
     save_checkpoint(ck, model, meta={"n": 1})
     save_checkpoint(ck, model, meta={"n": 2})
@@ -117,8 +117,8 @@ def test_a_rename_aside_killed_before_the_new_one_arrived_is_put_back(tmp_path, 
     ck = tmp_path / "ck"
     save_checkpoint(ck, model, meta={"n": 1})
     os.rename(ck, tmp_path / f".ck.old-{dead_pid()}-0a1b2c3d")
-    outputs.remove_leftovers(ck)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"] and outputs.is_checkpoint(ck)
+    files.remove_leftovers(ck)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"] and files.is_checkpoint(ck)
 
 
 def test_leftovers_of_a_json_write_are_removed(tmp_path):
