@@ -31,6 +31,8 @@ BOS = ByteTokenizer.bos_id
 DEFAULT_DATA = "stdlib"
 ANSWER_DIGITS = 4
 MIN_SPAN = 128  # shortest lookup (table, filler, question) in a training row
+LOOKUP_PAIRS = 4
+KEY_LETTERS = 3
 
 
 def resolve_files(spec: str = DEFAULT_DATA) -> list[Path]:
@@ -83,21 +85,31 @@ def load_split(spec: str, held_out_frac: float) -> tuple[Corpus, Corpus]:
     return Corpus(train), Corpus(held)
 
 
-def retrieval_sample(rng: np.random.Generator, corpus: Corpus, length: int, pairs: int = 4
+def lookup_text(keys: list[str], values: list[int], ask: int) -> tuple[str, str]:
+    """The table that opens a lookup and the question that ends it."""
+    table = "TABLE = {" + ", ".join(f'"{k}": {v}' for k, v in zip(keys, values)) + "}\n"
+    return table, f'\nENTRY = {{"{keys[ask]}": {values[ask]}}}\n'
+
+
+def _min_lookup_length(pairs: int = LOOKUP_PAIRS) -> int:
+    table, query = lookup_text(["k" * KEY_LETTERS] * pairs, [10 ** (ANSWER_DIGITS - 1)] * pairs, 0)
+    return 1 + len(table) + len(query) + 1  # BOS, table, at least one filler byte, question
+
+
+def retrieval_sample(rng: np.random.Generator, corpus: Corpus, length: int, pairs: int = LOOKUP_PAIRS
                      ) -> tuple[np.ndarray, int]:
     """A key-value lookup of exactly `length` tokens; returns (tokens, index of the first answer digit)."""
-    keys = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 3)) for _ in range(pairs)]
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    keys = ["".join(rng.choice(letters, KEY_LETTERS)) for _ in range(pairs)]
     while len(set(keys)) < pairs:
-        keys = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), 3)) for _ in range(pairs)]
+        keys = ["".join(rng.choice(letters, KEY_LETTERS)) for _ in range(pairs)]
     values = [int(v) for v in rng.integers(10 ** (ANSWER_DIGITS - 1), 10**ANSWER_DIGITS, pairs)]
-    table = "TABLE = {" + ", ".join(f'"{k}": {v}' for k, v in zip(keys, values)) + "}\n"
-    ask = rng.integers(pairs)
-    query = f'\nENTRY = {{"{keys[ask]}": {values[ask]}}}\n'
+    table, query = lookup_text(keys, values, rng.integers(pairs))
     head = [BOS] + list(table.encode())
     tail = list(query.encode())
     fill = length - len(head) - len(tail)
     if fill < 1:
-        raise UserError(f"retrieval length {length} is too short; use at least {len(head) + len(tail) + 1}")
+        raise UserError(f"retrieval length {length} is too short; use at least {MIN_RETRIEVAL_LENGTH}")
     tokens = np.concatenate([head, corpus.window(rng, fill), tail]).astype(np.int32)
     return tokens, length - len(tail) + query.index('": ') + 3
 
@@ -122,3 +134,6 @@ def retrieval_set(corpus: Corpus, n: int, length: int, seed: int = 0) -> tuple[n
     rng = np.random.default_rng(seed)
     samples = [retrieval_sample(rng, corpus, length) for _ in range(n)]
     return np.stack([s[0] for s in samples]), np.array([s[1] for s in samples], np.int32)
+
+
+MIN_RETRIEVAL_LENGTH = _min_lookup_length()

@@ -23,48 +23,58 @@ from flax import nnx
 
 from ic_jax.checkpoint import StateStore, load_checkpoint, read_config, save_checkpoint, trained_seq_len
 from ic_jax.data import DEFAULT_DATA, load_split, training_batch
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.cli import ArgumentParser, add_seed_argument, entry, fraction, nonneg_int, positive_float, positive_int
 from ic_jax.model import build_model, layer_params, top_params
+from ic_jax.files import claim_output_dir
 from ic_jax.pattern import parse_pattern
 from ic_jax.run_options import RunOptions
-from ic_jax.train import graphdef_for, make_step, run_steps
+from ic_jax.train import check_seq_len, graphdef_for, make_step, run_steps
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m ic_jax.distill", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="trained checkpoint directory")
     p.add_argument("--pattern", required=True, help="the IndexCache pattern (any --pattern spelling, e.g. keep:0.25)")
-    p.add_argument("--out", required=True, help="output checkpoint directory; state goes to OUT.state/")
+    p.add_argument("--out", required=True, help="output checkpoint directory; state goes to OUT.state/. An existing "
+                   "OUT is replaced only if it is this run's own checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace whatever is at --out and start OUT.state/ afresh")
     p.add_argument("--data", default=DEFAULT_DATA, help="glob of training files (quote it); default: stdlib")
-    p.add_argument("--steps", type=int, default=200, help="warm-up steps, F indexers only (default 200)")
-    p.add_argument("--sparse-steps", type=int, default=0, help="sparse-stage steps after the warm-up (default 0)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=int, help="context length (default: the training context)")
-    p.add_argument("--lr", type=float, default=1e-3, help="warm-up learning rate (default 1e-3)")
-    p.add_argument("--sparse-lr", type=float, default=1e-4, help="sparse-stage learning rate (default 1e-4)")
-    p.add_argument("--retrieval-frac", type=float, default=0.25, help="retrieval rows in the batches (default 0.25)")
-    p.add_argument("--save-every", type=int, default=100, help="save state every N steps (default 100)")
-    p.add_argument("--seed", type=int, default=1, help="data seed (default 1)")
+    p.add_argument("--steps", type=nonneg_int, default=200, help="warm-up steps, F indexers only (default 200)")
+    p.add_argument("--sparse-steps", type=nonneg_int, default=0,
+                   help="sparse-stage steps after the warm-up (default 0)")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=positive_int, help="context length (default: the training context)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="warm-up learning rate (default 1e-3)")
+    p.add_argument("--sparse-lr", type=positive_float, default=1e-4, help="sparse-stage learning rate (default 1e-4)")
+    p.add_argument("--retrieval-frac", type=fraction(), default=0.25,
+                   help="retrieval rows in the batches (default 0.25)")
+    p.add_argument("--save-every", type=positive_int, default=100, help="save state every N steps (default 100)")
+    add_seed_argument(p, default=1, what="the data")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     a = p.parse_args(argv)
+    if a.steps + a.sparse_steps < 1:
+        p.error("argument --steps: --steps and --sparse-steps are both 0; give at least one step")
     cfg = read_config(a.ckpt)
     n = cfg.num_hidden_layers
     pattern = parse_pattern(a.pattern, n)
-    if a.steps < 0 or a.sparse_steps < 0 or a.steps + a.sparse_steps < 1 or a.batch < 1 or a.save_every < 1:
-        raise UserError("need --steps, --sparse-steps >= 0 with a positive sum, and --batch, --save-every >= 1")
     seq_len = a.seq_len or trained_seq_len(a.ckpt)
+    check_seq_len(seq_len, cfg, a.retrieval_frac)
+    settings = {k: v for k, v in vars(a).items() if k not in ("json", "save_every", "overwrite")}
+    claim_output_dir(a.out, "--out", settings=settings, overwrite=a.overwrite)
     train = load_split(a.data, 0.05)[0]
     batches = lambda i: training_batch(np.random.default_rng([a.seed, i]), train, a.batch, seq_len,  # noqa: E731
                                        a.retrieval_frac)
-    settings = {k: v for k, v in vars(a).items() if k not in ("json", "save_every")}
     opts = RunOptions(mode="train", index_block=seq_len)
     all_f = "F" * n
 
     graphdef, params = nnx.split(load_checkpoint(a.ckpt, all_f))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(a.lr))
     warm = make_step(graphdef_for(cfg.replace(index_topk=max(cfg.index_topk, seq_len)), all_f), tx, opts, pattern, 0.0)
-    (params, _), history, _ = run_steps(StateStore(Path(a.out + ".state") / "warmup", settings), [warm] * a.steps,
-                                     (params, tx.init(params)), a.steps, batches, a.save_every, 10, "distill warm-up")
+    state = Path(a.out + ".state")
+    (params, _), history, _ = run_steps(StateStore(state / "warmup", settings, overwrite=a.overwrite), [warm] * a.steps,
+                                        (params, tx.init(params)), a.steps, batches, (a.batch, seq_len), a.save_every,
+                                        10, "distill warm-up")
     warmed = nnx.merge(graphdef, params)
     model = build_model(cfg, pattern, layer_params(warmed), top_params(warmed))
     if a.sparse_steps:
@@ -72,9 +82,9 @@ def main(argv=None) -> int:
         tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(a.sparse_lr, weight_decay=0.01))
         sparse = make_step(graphdef_p, tx, opts, pattern, 1.0)
         (params_p, _), more, _ = run_steps(
-            StateStore(Path(a.out + ".state") / "sparse", settings), [sparse] * a.sparse_steps,
-            (params_p, tx.init(params_p)), a.sparse_steps, lambda i: batches(a.steps + i), a.save_every, 10,
-            "distill sparse")
+            StateStore(state / "sparse", settings, overwrite=a.overwrite), [sparse] * a.sparse_steps,
+            (params_p, tx.init(params_p)), a.sparse_steps, lambda i: batches(a.steps + i), (a.batch, seq_len),
+            a.save_every, 10, "distill sparse")
         history += more
         model = nnx.merge(graphdef_p, params_p)
     layers = layer_params(model)
@@ -83,8 +93,8 @@ def main(argv=None) -> int:
     full = build_model(cfg, all_f, layers, top_params(model))
     report = {"out": a.out, "pattern": pattern, "steps": a.steps, "sparse_steps": a.sparse_steps,
               "final": history[-1] if history else None}
-    save_checkpoint(a.out, full, pattern=pattern, meta={**report, "seq_len": seq_len, "settings": settings,
-                                                        "history": history})
+    save_checkpoint(a.out, full, pattern=pattern, overwrite=a.overwrite,
+                    meta={**report, "seq_len": seq_len, "settings": settings, "history": history})
     if a.json:
         print(json.dumps(report))
     else:
@@ -93,7 +103,7 @@ def main(argv=None) -> int:
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)
 
 if __name__ == "__main__":
     raise SystemExit(main())

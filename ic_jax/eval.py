@@ -20,9 +20,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ic_jax.checkpoint import default_pattern, load_checkpoint, read_config, trained_seq_len
-from ic_jax.data import ANSWER_DIGITS, DEFAULT_DATA, Corpus, load_split, resolve_files, retrieval_set
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
-from ic_jax.outputs import atomic_write_text
+from ic_jax.data import (ANSWER_DIGITS, DEFAULT_DATA, MIN_RETRIEVAL_LENGTH, Corpus, load_split, resolve_files,
+                         retrieval_set)
+from ic_jax.cli import ArgumentParser, add_impl_argument, check_context, entry, positive_int
+from ic_jax.files import atomic_write_text, check_output_file
 from ic_jax.pattern import parse_pattern
 from ic_jax.reuse import ReuseEvaluator
 from ic_jax.run_options import RunOptions
@@ -56,40 +57,48 @@ def main(argv=None) -> int:
     p.add_argument("--extra-ckpt", nargs="*", default=[], help="more checkpoints, each under its own pattern.json")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="glob of held-out files (quote it); default: the held-out files of the stdlib corpus")
-    p.add_argument("--seqs", type=int, default=32, help="held-out sequences for the LM loss (default 32)")
-    p.add_argument("--seq-len", type=int, help="held-out sequence length (default: the training context)")
-    p.add_argument("--lengths", type=int, nargs="*", help="retrieval lengths (default: 1/4, 1/2 and 1 x seq-len)")
-    p.add_argument("--retrieval-n", type=int, default=64, help="retrieval samples per length (default 64)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per forward (default 8)")
-    p.add_argument("--impl", default="auto", help="op implementation: auto | xla | pallas (default auto)")
+    p.add_argument("--seqs", type=positive_int, default=32, help="held-out sequences for the LM loss (default 32)")
+    p.add_argument("--seq-len", type=positive_int, help="held-out sequence length (default: the training context)")
+    p.add_argument("--lengths", type=positive_int, nargs="*",
+                   help=f"retrieval lengths, each at least {MIN_RETRIEVAL_LENGTH} (default: 1/4, 1/2 and 1 x seq-len, "
+                        f"those long enough)")
+    p.add_argument("--retrieval-n", type=positive_int, default=64, help="retrieval samples per length (default 64)")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per forward (default 8)")
+    add_impl_argument(p)
     p.add_argument("--out", help="also write the table as JSON here")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     a = p.parse_args(argv)
     if not a.patterns and not a.extra_ckpt:
-        raise UserError("nothing to evaluate: give --patterns and/or --extra-ckpt")
-    if a.seqs < 1 or a.retrieval_n < 1 or a.batch < 1:
-        raise UserError("--seqs, --retrieval-n and --batch must be >= 1")
-    n = read_config(a.ckpt).num_hidden_layers
+        p.error("nothing to evaluate: give --patterns and/or --extra-ckpt")
+    short = [n_ for n_ in a.lengths or [] if n_ < MIN_RETRIEVAL_LENGTH]
+    if short:
+        p.error(f"argument --lengths: {short[0]} is too short for a key-value lookup; use at least {MIN_RETRIEVAL_LENGTH}")
+    out = check_output_file(a.out, "--out") if a.out else None
+    cfg = read_config(a.ckpt)
+    n = cfg.num_hidden_layers
     rows = [(spec, a.ckpt, parse_pattern(spec, n)) for spec in a.patterns]
+    configs = [cfg]
     for d in a.extra_ckpt:
-        rows.append((Path(d).name, d, parse_pattern(default_pattern(d), read_config(d).num_hidden_layers)))
+        configs.append(read_config(d))
+        rows.append((Path(d).name, d, parse_pattern(default_pattern(d), configs[-1].num_hidden_layers)))
     seq_len = a.seq_len or trained_seq_len(a.ckpt)
-    lengths = a.lengths or sorted({seq_len // 4, seq_len // 2, seq_len})
+    lengths = a.lengths or sorted(n_ for n_ in {seq_len // 4, seq_len // 2, seq_len} if n_ >= MIN_RETRIEVAL_LENGTH)
+    for c in configs:
+        check_context(seq_len, c, "--seq-len")
+        for length in lengths:
+            check_context(length, c, "--lengths")
     held = load_split(a.data, 0.05)[1] if a.data == DEFAULT_DATA else Corpus(resolve_files(a.data))
     heldout = held.windows(np.random.default_rng(99), a.seqs, seq_len)
     retrieval = {length: retrieval_set(held, a.retrieval_n, length, seed=length) for length in lengths}
     opts = RunOptions.for_impl(a.impl)
-    evaluators: dict[str, ReuseEvaluator] = {}
+    evaluators = {ckpt: ReuseEvaluator(load_checkpoint(ckpt, "F" * c.num_hidden_layers), a.batch, opts)
+                  for ckpt, c in zip([a.ckpt, *a.extra_ckpt], configs)}
     table = []
     for label, ckpt, pattern in tqdm(rows, desc="eval", file=sys.stderr, dynamic_ncols=True):
-        if ckpt not in evaluators:
-            cfg = read_config(ckpt)
-            evaluators[ckpt] = ReuseEvaluator(load_checkpoint(ckpt, "F" * cfg.num_hidden_layers), a.batch, opts)
         table.append({"label": label, "ckpt": ckpt, **evaluate(evaluators[ckpt], pattern, heldout, retrieval)})
     result = {"seq_len": seq_len, "heldout_seqs": a.seqs, "retrieval_n": a.retrieval_n, "rows": table}
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(a.out), json.dumps(result, indent=1))
+    if out:
+        atomic_write_text(out, json.dumps(result, indent=1))
     if a.json:
         print(json.dumps(result))
     else:
@@ -100,7 +109,7 @@ def main(argv=None) -> int:
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -21,10 +21,12 @@ from flax import nnx
 from ic_jax.checkpoint import load_checkpoint
 from ic_jax.config import load_config
 from ic_jax.engine import Engine
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.cli import (ArgumentParser, add_impl_argument, add_seed_argument, entry, fraction, nonneg_float,
+                        nonneg_int, positive_int)
+from ic_jax.errors import UserError
+from ic_jax.files import read_stdin, read_text
 from ic_jax.model import DSAModel, moe_layers
 from ic_jax.package_data import DEFAULT_CKPT
-from ic_jax.pallas.dispatch import MODEL_IMPLS
 from ic_jax.pattern import describe_layout, parse_pattern
 from ic_jax.run_options import RunOptions
 from ic_jax.sampling import Sampling
@@ -44,11 +46,9 @@ def parse_args(argv):
     src.add_argument("--config", help="config JSON or preset name (tiny, glm47_flash_dsa, deepseek_v32, glm5); "
                                       "with --ckpt it must match the checkpoint's shapes")
     src.add_argument("--init", choices=["random"], help="random weights from --config instead of a checkpoint")
-    src.add_argument("--seed", type=int, default=0, help="seed for random init and for sampling (default 0)")
+    add_seed_argument(src)
     src.add_argument("--pattern", help=PATTERN_HELP)
-    src.add_argument("--impl", choices=MODEL_IMPLS, default="auto",
-                     help="op implementation: auto = Pallas kernels on GPU/TPU (XLA for decode-sized calls where it "
-                          "measured faster), XLA on CPU; pallas = always the kernels (interpret mode on CPU, slow)")
+    add_impl_argument(src)
     par = p.add_argument_group("parallelism")
     par.add_argument("--mesh", default="", help="device mesh as axis=size over data,tensor,expert (e.g. "
                      "data=2,tensor=4); params are sharded by their logical axes. Default: no sharding")
@@ -58,21 +58,21 @@ def parse_args(argv):
     inp.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     inp.add_argument("--prompt-file", action="append", default=[], type=Path, help="file whose text is one prompt")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=128,
+                     help="tokens to generate per prompt (default 128)")
+    gen.add_argument("--temperature", type=nonneg_float, default=0.7,
+                     help="sampling temperature; 0 = greedy (default 0.7: greedy decoding of a small model tends to "
+                          "repeat one token)")
+    gen.add_argument("--top-k", type=nonneg_int, default=20,
+                     help="sample among the k most likely tokens (0 = off; default 20)")
+    gen.add_argument("--top-p", type=fraction(low_open=True), default=1.0, help="nucleus sampling mass (1 = off)")
     gen.add_argument("--warmup", action="store_true", help="compile before timing, so TTFT excludes compilation")
-    gen.add_argument("--chunk-size", type=int, default=0,
+    gen.add_argument("--chunk-size", type=nonneg_int, default=0,
                      help="prefill the prompt in chunks of this many tokens (0 = one shot); bounds memory for long prompts")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     out.add_argument("--layout", action="store_true", help="print the pattern layout (F layers, scanned stages) first")
     a = p.parse_args(argv)
-    if a.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
-    if a.temperature < 0 or not 0 < a.top_p <= 1 or a.top_k < 0 or a.chunk_size < 0:
-        p.error("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0, --chunk-size >= 0")
     if a.init and a.ckpt:
         p.error("--init random builds a fresh model; drop --ckpt or --init")
     if a.init and not a.config:
@@ -85,13 +85,11 @@ def parse_args(argv):
 def read_prompts(a) -> list[str]:
     prompts = list(a.prompt)
     for f in a.prompt_file:
-        if not f.is_file():
-            raise UserError(f"prompt file {str(f)!r} not found")
-        prompts.append(f.read_text())
+        prompts.append(read_text(f, f"--prompt-file {str(f)!r}"))
     if not prompts:
         if sys.stdin is None or sys.stdin.isatty():
             raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
-        prompts.append(sys.stdin.read())
+        prompts.append(read_stdin())
     if any(not p for p in prompts):
         raise UserError("a prompt is empty; give at least one character")
     return prompts
@@ -114,6 +112,7 @@ def main(argv=None) -> int:
     if a.distributed:
         init_distributed()
     opts = RunOptions.for_impl(a.impl)
+    mesh_sizes = parse_mesh(a.mesh) if a.mesh else None
     prompts = read_prompts(a)
     model, ckpt = load_model(a)
     cfg = model.cfg
@@ -126,8 +125,8 @@ def main(argv=None) -> int:
         raise UserError(f"prompt of {longest} tokens + {a.max_new_tokens} new tokens exceeds max_position_embeddings "
                         f"= {cfg.max_position_embeddings}; shorten the prompt or lower --max-new-tokens")
     mesh = None
-    if a.mesh:
-        mesh = make_mesh(parse_mesh(a.mesh))
+    if mesh_sizes:
+        mesh = make_mesh(mesh_sizes)
         shard_model(model, mesh)
     engine = Engine(model, opts, mesh)
     n_full = model.pattern.count("F")
@@ -164,7 +163,7 @@ def main(argv=None) -> int:
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)
 
 if __name__ == "__main__":
     raise SystemExit(main())

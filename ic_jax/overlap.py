@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from ic_jax.attention import selection_mask
 from ic_jax.checkpoint import load_checkpoint, read_config, trained_seq_len
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
-from ic_jax.outputs import atomic_write_text
+from ic_jax.cli import ArgumentParser, check_context, entry, positive_int
+from ic_jax.errors import UserError
+from ic_jax.files import atomic_write_text, check_output_file
 from ic_jax.pattern import parse_pattern
 from ic_jax.plots import overlap_heatmap
 from ic_jax.run_options import RunOptions
@@ -57,26 +58,28 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True, help="checkpoint directory (every layer needs its indexer)")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="glob of text files (quote it); default: the held-out files of the stdlib corpus")
-    p.add_argument("--seqs", type=int, default=8, help="sequences to average over (default 8)")
-    p.add_argument("--seq-len", type=int, help="sequence length (default: the training context)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per forward (default 4)")
+    p.add_argument("--seqs", type=positive_int, default=8, help="sequences to average over (default 8)")
+    p.add_argument("--seq-len", type=positive_int, help="sequence length (default: the training context)")
+    p.add_argument("--batch", type=positive_int, default=4, help="sequences per forward (default 4)")
     p.add_argument("--pattern", help="a pattern to draw on the heatmap (any --pattern spelling)")
     p.add_argument("--out", default="overlap", help="output stem: writes OUT.json and OUT.png (default overlap)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     a = p.parse_args(argv)
-    if a.seqs < 1 or a.batch < 1:
-        raise UserError("--seqs and --batch must be >= 1")
-    n = read_config(a.ckpt).num_hidden_layers
+    out = Path(a.out)
+    for suffix in (".json", ".png"):
+        check_output_file(out.with_suffix(suffix), "--out")
+    cfg = read_config(a.ckpt)
+    n = cfg.num_hidden_layers
     pattern = parse_pattern(a.pattern, n) if a.pattern else None
+    seq_len = a.seq_len or trained_seq_len(a.ckpt)
+    check_context(seq_len, cfg, "--seq-len")
     model = load_checkpoint(a.ckpt, "F" * n)
-    tokens = calibration(a.data, a.seqs, a.seq_len or trained_seq_len(a.ckpt), 0.05)
+    tokens = calibration(a.data, a.seqs, seq_len, 0.05)
     m = overlap_matrix(model, tokens, a.batch)
     adjacent = float(np.mean(np.diag(m, 1))) if n > 1 else 1.0
     result = {"ckpt": a.ckpt, "layers": n, "k": model.cfg.index_topk, "seq_len": tokens.shape[1],
               "seqs": len(tokens), "adjacent_mean": round(adjacent, 4), "pattern": pattern,
               "matrix": np.round(m, 4).tolist()}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(result))
     overlap_heatmap(m, out.with_suffix(".png"), f"top-k overlap, {Path(a.ckpt).name} (k={model.cfg.index_topk}, "
                     f"T={tokens.shape[1]}); adjacent layers {adjacent:.2f}", pattern)
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)
 
 if __name__ == "__main__":
     raise SystemExit(main())

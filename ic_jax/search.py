@@ -36,10 +36,11 @@ from tqdm import tqdm
 
 from ic_jax.checkpoint import load_checkpoint, read_config, trained_seq_len
 from ic_jax.data import DEFAULT_DATA, Corpus, load_split, resolve_files
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.cli import ArgumentParser, add_impl_argument, check_context, entry, fraction, positive_int
+from ic_jax.errors import UserError
 from ic_jax.losses import lm_loss
 from ic_jax.model import repattern
-from ic_jax.outputs import atomic_write_text
+from ic_jax.files import atomic_write_text, check_output_file, read_json
 from ic_jax.pattern import keep_pattern
 from ic_jax.plots import curves
 from ic_jax.reuse import ReuseEvaluator
@@ -94,39 +95,42 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", required=True, help="checkpoint directory (all layers keep their indexer)")
     p.add_argument("--calib", default=DEFAULT_DATA,
                    help="glob of calibration files (quote it); default: the held-out files of the stdlib corpus")
-    p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences (default 16)")
-    p.add_argument("--seq-len", type=int, help="calibration sequence length (default: the training context)")
-    p.add_argument("--keep", type=float, default=0.25, help="fraction of layers left F (default 0.25)")
-    p.add_argument("--blocks", type=int, default=1, help="pipeline variant with P blocks (default 1: exact)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per forward (default 8)")
-    p.add_argument("--chunk", type=int, default=4, help="candidate patterns per compiled call (default 4)")
-    p.add_argument("--heldout-frac", type=float, default=0.05, help="held-out fraction of the default split")
+    p.add_argument("--calib-seqs", type=positive_int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--seq-len", type=positive_int, help="calibration sequence length (default: the training context)")
+    p.add_argument("--keep", type=fraction(low_open=True), default=0.25,
+                   help="fraction of layers left F (default 0.25)")
+    p.add_argument("--blocks", type=positive_int, default=1, help="pipeline variant with P blocks (default 1: exact)")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per forward (default 8)")
+    p.add_argument("--chunk", type=positive_int, default=4, help="candidate patterns per compiled call (default 4)")
+    p.add_argument("--heldout-frac", type=fraction(low_open=True, high_open=True), default=0.05,
+                   help="held-out fraction of the default split")
     p.add_argument("--out", help="output pattern JSON (default search_keep<KEEP>.json); a .png is written beside")
     p.add_argument("--state", help="state file (default search.state.json beside --out)")
-    p.add_argument("--impl", default="auto", help="op implementation: auto | xla | pallas (default auto)")
+    add_impl_argument(p)
     p.add_argument("--measure-compile", action="store_true",
                    help="also time one compilation of a real pattern model, for comparison")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     a = p.parse_args(argv)
-    n = read_config(a.ckpt).num_hidden_layers
-    if not 0 < a.keep <= 1:
-        raise UserError(f"--keep {a.keep} must be in (0, 1]")
-    if not 1 <= a.blocks <= n or a.calib_seqs < 1 or a.batch < 1 or a.chunk < 1:
-        raise UserError(f"need 1 <= --blocks <= {n} and --calib-seqs, --batch, --chunk >= 1")
+    cfg = read_config(a.ckpt)
+    n = cfg.num_hidden_layers
+    if a.blocks > n:
+        p.error(f"argument --blocks: must be <= the {n} layers of the model, got {a.blocks}")
     if a.calib_seqs % a.batch:
-        raise UserError(f"--calib-seqs ({a.calib_seqs}) must be a multiple of --batch ({a.batch})")
+        p.error(f"argument --calib-seqs: must be a multiple of --batch ({a.batch}), got {a.calib_seqs}")
     target = keep_pattern(n, a.keep).count("S")
     if target > n - len(block_starts(n, a.blocks)):
         raise UserError(f"--keep {a.keep} needs {target} S layers, but {a.blocks} blocks keep "
                         f"{len(block_starts(n, a.blocks))} F; use fewer blocks")
-    out = Path(a.out or f"search_keep{a.keep}.json")
-    state_path = Path(a.state) if a.state else out.parent / "search.state.json"
-    state_path.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_file(a.out or f"search_keep{a.keep}.json", "--out")
+    check_output_file(out.with_suffix(".png"), "--out")
+    state_path = check_output_file(a.state or out.parent / "search.state.json", "--state")
     seq_len = a.seq_len or trained_seq_len(a.ckpt)
+    check_context(seq_len, cfg, "--seq-len")
     tokens = calibration(a.calib, a.calib_seqs, seq_len, a.heldout_frac)
     settings = {"ckpt": str(Path(a.ckpt).resolve()), "blocks": a.blocks, "calib": a.calib,
                 "calib_sha1": hashlib.sha1(tokens.tobytes()).hexdigest(), "calib_shape": list(tokens.shape)}
-    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    state = read_json(state_path, f"search state {state_path}", keys=("settings", "timing", "trajectory"),
+                      fix="delete it to start the search again, or pass another --state")
     if state is not None and state["settings"] != settings:
         raise UserError(f"state file {state_path} belongs to another search ({state['settings']}); "
                         f"pass --state or delete it")
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -94,4 +94,10 @@ def cache_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
 
 def init_distributed() -> None:
     """Joins a multi-host job (coordinator and process ids from the environment, as jax reads them)."""
-    jax.distributed.initialize()
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--distributed could not join a job ({reason}); set JAX_COORDINATOR_ADDRESS, "
+                        f"JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM / on a TPU pod), or drop "
+                        f"--distributed") from None

@@ -10,7 +10,6 @@ from ic_jax.errors import UserError
 
 
 class ByteTokenizer:
-    kind = "bytes"
     vocab_size = 258
     bos_id = 256
     eos_id = 257
@@ -28,7 +27,6 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    kind = "hf"
 
     def __init__(self, path: Path):
         try:
@@ -36,7 +34,12 @@ class HFTokenizer:
         except ImportError:
             raise UserError(f"{path} needs the 'tokenizers' package; pip install 'ic_jax[hf]'") from None
         self.path = Path(path)
-        self.tok = Tokenizer.from_file(str(path))
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the tokenizers package raises a bare Exception for a bad file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"tokenizer {path} cannot be read ({reason[:160]}); replace it with the model's own "
+                            f"tokenizer.json") from None
         self.vocab_size = self.tok.get_vocab_size()
         self.eos_id = next((self.tok.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<eos>")
                             if self.tok.token_to_id(t) is not None), None)

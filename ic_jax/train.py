@@ -32,10 +32,14 @@ from tqdm import tqdm
 
 from ic_jax.checkpoint import StateStore, save_checkpoint
 from ic_jax.config import load_config
-from ic_jax.data import DEFAULT_DATA, load_split, training_batch
-from ic_jax.errors import ArgumentParser, UserError, cli_entry
+from ic_jax.data import DEFAULT_DATA, MIN_RETRIEVAL_LENGTH, load_split, training_batch
+from ic_jax.cli import (ArgumentParser, add_seed_argument, check_context, entry, fraction, nonneg_int, positive_float,
+                        positive_int)
+from ic_jax.errors import UserError
 from ic_jax.losses import indexer_loss, lm_loss
+from ic_jax.memory import compile_within_memory
 from ic_jax.model import DSAModel
+from ic_jax.files import claim_output_dir
 from ic_jax.plots import curves
 from ic_jax.reuse import ReuseEvaluator
 from ic_jax.run_options import RunOptions
@@ -62,11 +66,16 @@ def make_step(graphdef, tx, opts: RunOptions, pattern: str, lm_weight: float, kl
     return step
 
 
-def run_steps(store: StateStore, steps: list, tree, total: int, batch_fn, save_every: int, log_every: int,
-              desc: str, time_limit: float | None = None):
-    """Runs `total` steps, steps[i] being the (params, opt) -> (params, opt, metrics) function of step i,
-    resuming from the store and saving to it; stops early (saved) after `time_limit` seconds.
-    Returns (tree, history, steps done)."""
+def run_steps(store: StateStore, steps: list, tree, total: int, batch_fn, batch_shape: tuple[int, int],
+              save_every: int, log_every: int, desc: str, time_limit: float | None = None):
+    """Runs `total` steps, steps[i] being the jitted (params, opt, tokens) -> (params, opt, metrics) function of
+    step i, resuming from the store and saving to it; stops early (saved) after `time_limit` seconds. Each step
+    function is compiled first and checked against the free memory. Returns (tree, history, steps done)."""
+    tokens = jax.ShapeDtypeStruct(batch_shape, np.int32)
+    compiled = {step: compile_within_memory(step, (*tree, tokens), f"a {desc} step of batch {batch_shape[0]} x "
+                                            f"{batch_shape[1]} tokens", "lower --batch or --seq-len")
+                for step in dict.fromkeys(steps)}
+    steps = [compiled[step] for step in steps]
     deadline = time.monotonic() + time_limit if time_limit else None
     start, tree, history = store.restore(tree)
     params, opt_state = tree
@@ -92,35 +101,52 @@ def heldout_report(model: DSAModel, held, n: int, length: int, pattern: str | No
     return {"heldout_loss": round(loss, 4), "heldout_ppl": round(float(np.exp(loss)), 3)}
 
 
+def check_seq_len(seq_len: int, cfg, retrieval_frac: float, flag: str = "--seq-len") -> None:
+    """A training context the model and the retrieval rows can take."""
+    check_context(seq_len, cfg, flag)
+    if retrieval_frac > 0 and seq_len < MIN_RETRIEVAL_LENGTH:
+        raise UserError(f"{flag} {seq_len} is too short for the key-value retrieval rows (at least "
+                        f"{MIN_RETRIEVAL_LENGTH}); raise {flag} or pass --retrieval-frac 0")
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m ic_jax.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="tiny", help="model config: a preset name or a JSON path (default tiny)")
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="glob of text/code files (quote it; ** recurses); default: the Python standard library")
-    p.add_argument("--heldout-frac", type=float, default=0.05, help="fraction of files held out (default 0.05)")
-    p.add_argument("--out", required=True, help="output checkpoint directory; training state goes to OUT.state/")
-    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (default 1000)")
-    p.add_argument("--dense-steps", type=int, default=200, help="steps of the dense stage, first (default 200)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--seq-len", type=int, default=256, help="training context in tokens (bytes) (default 256)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
-    p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps (default 100)")
-    p.add_argument("--retrieval-frac", type=float, default=0.25,
+    p.add_argument("--heldout-frac", type=fraction(low_open=True, high_open=True), default=0.05,
+                   help="fraction of files held out (default 0.05)")
+    p.add_argument("--out", required=True, help="output checkpoint directory; training state goes to OUT.state/. "
+                   "An existing OUT is replaced only if it is this run's own checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace whatever is at --out and start OUT.state/ afresh")
+    p.add_argument("--steps", type=positive_int, default=1000, help="total optimizer steps (default 1000)")
+    p.add_argument("--dense-steps", type=nonneg_int, default=200,
+                   help="steps of the dense stage, first (default 200)")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--seq-len", type=positive_int, default=256,
+                   help="training context in tokens (bytes) (default 256)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate, cosine decay (default 1e-3)")
+    p.add_argument("--warmup", type=nonneg_int, default=100, help="learning-rate warm-up steps (default 100)")
+    p.add_argument("--retrieval-frac", type=fraction(), default=0.25,
                    help="fraction of rows that are key-value retrieval samples (default 0.25)")
-    p.add_argument("--save-every", type=int, default=200, help="save the training state every N steps (default 200)")
-    p.add_argument("--log-every", type=int, default=10, help="record the losses every N steps (default 10)")
+    p.add_argument("--save-every", type=positive_int, default=200,
+                   help="save the training state every N steps (default 200)")
+    p.add_argument("--log-every", type=positive_int, default=10, help="record the losses every N steps (default 10)")
     p.add_argument("--remat", action="store_true", help="rematerialise layer groups in the backward pass (less memory)")
-    p.add_argument("--time-limit", type=float, help="stop (state saved, checkpoint written) after this many seconds")
-    p.add_argument("--seed", type=int, default=0, help="init and data seed (default 0)")
+    p.add_argument("--time-limit", type=positive_float,
+                   help="stop (state saved, checkpoint written) after this many seconds")
+    add_seed_argument(p, what="init and data")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     a = p.parse_args(argv)
+    if a.dense_steps > a.steps:
+        p.error(f"argument --dense-steps: must be <= --steps ({a.steps}), got {a.dense_steps}")
     cfg = load_config(a.config)
-    if not 0 < a.seq_len <= cfg.max_position_embeddings:
-        raise UserError(f"--seq-len {a.seq_len} must be in 1..max_position_embeddings ({cfg.max_position_embeddings})")
-    if not 0 <= a.dense_steps <= a.steps or a.steps < 1 or a.batch < 1 or a.save_every < 1 or a.log_every < 1:
-        raise UserError("need --steps >= 1, 0 <= --dense-steps <= --steps, and --batch/--save-every/--log-every >= 1")
-    if not 0 <= a.retrieval_frac <= 1 or not 0 < a.heldout_frac < 1:
-        raise UserError("--retrieval-frac must be in [0, 1] and --heldout-frac in (0, 1)")
+    check_seq_len(a.seq_len, cfg, a.retrieval_frac)
+    settings = {k: v for k, v in vars(a).items()
+                if k not in ("json", "save_every", "log_every", "remat", "time_limit", "overwrite")}
+    settings["config"] = cfg.to_dict()
+    claim_output_dir(a.out, "--out", settings=settings, overwrite=a.overwrite)
     train, held = load_split(a.data, a.heldout_frac)
     n = cfg.num_hidden_layers
     all_f = "F" * n
@@ -131,19 +157,17 @@ def main(argv=None) -> int:
     opts = RunOptions(mode="train", remat=a.remat, index_block=a.seq_len)
     dense = make_step(graphdef_for(cfg.replace(index_topk=max(cfg.index_topk, a.seq_len)), all_f), tx, opts, all_f, 1.0)
     sparse = make_step(graphdef, tx, opts, all_f, 1.0)
-    settings = {k: v for k, v in vars(a).items() if k not in ("json", "save_every", "log_every", "remat", "time_limit")}
-    settings["config"] = cfg.to_dict()
-    store = StateStore(Path(a.out + ".state"), settings)
+    store = StateStore(Path(a.out + ".state"), settings, overwrite=a.overwrite)
     (params, _), history, done = run_steps(
         store, [dense] * a.dense_steps + [sparse] * (a.steps - a.dense_steps), (params, tx.init(params)), a.steps,
         lambda i: training_batch(np.random.default_rng([a.seed, i]), train, a.batch, a.seq_len, a.retrieval_frac),
-        a.save_every, a.log_every, "train", a.time_limit)
+        (a.batch, a.seq_len), a.save_every, a.log_every, "train", a.time_limit)
     model = nnx.merge(graphdef, params)
     report = {"out": a.out, "steps": done, "planned_steps": a.steps, "dense_steps": a.dense_steps, "layers": n,
               "seq_len": a.seq_len, "index_topk": cfg.index_topk, "train_files": train.num_files,
               "heldout_files": held.num_files, "params": sum(x.size for x in jax.tree.leaves(params)),
               **heldout_report(model, held, 8, a.seq_len), "final": history[-1]}
-    save_checkpoint(a.out, model, meta={**report, "settings": settings, "history": history})
+    save_checkpoint(a.out, model, meta={**report, "settings": settings, "history": history}, overwrite=a.overwrite)
     steps = [h["step"] for h in history]
     curves({"LM loss": (steps, [h["lm"] for h in history]), "indexer KL": (steps, [h["kl"] for h in history])},
            Path(a.out) / "train_curve.png", f"training {Path(a.out).name}: {a.dense_steps} dense steps, then top-"
@@ -157,7 +181,7 @@ def main(argv=None) -> int:
     return 0
 
 
-main = cli_entry(main)
+main = entry(main)
 
 if __name__ == "__main__":
     raise SystemExit(main())
