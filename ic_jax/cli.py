@@ -8,10 +8,9 @@ import functools
 import math
 import re
 import sys
-from pathlib import Path
 
 from ic_jax.errors import UserError
-from ic_jax.pallas.dispatch import MODEL_IMPLS
+from ic_jax.ops.dispatch import MODEL_IMPLS
 
 IMPL_HELP = ("op implementation: auto = Pallas kernels on GPU/TPU (XLA for decode-sized calls where it measured "
              "faster), XLA on CPU; xla = the jnp references; pallas = always the kernels (interpret mode on CPU, slow)")
@@ -154,10 +153,3 @@ def add_impl_argument(p: argparse.ArgumentParser) -> None:
 
 def add_seed_argument(p: argparse.ArgumentParser, default: int = 0, what: str = "random init and sampling") -> None:
     p.add_argument("--seed", type=seed, default=default, help=f"seed for {what} (default {default})")
-
-
-def check_context(length: int, cfg, flag: str) -> None:
-    """A sequence length the model's positions cover; checked before any work, since longer ones never finish."""
-    if length > cfg.max_position_embeddings:
-        raise UserError(f"{flag} {length} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings}); "
-                        f"lower {flag}")

@@ -4,7 +4,7 @@
 
 Each F layer l serving layers l..l+m (itself and its S layers) trains its indexer on
     L_multi = sum_j 1/(m+1) * KL(p^(l+j) || softmax(I^(l)))
-(`ic_jax.losses.multi_layer_kl`), whose gradient equals that of KL to the served layers' average
+(`ic_jax.calibration.losses.multi_layer_kl`), whose gradient equals that of KL to the served layers' average
 distribution. Warm-up (--steps): dense attention, only the F layers' indexers learn (the rest gets no
 gradient: targets and indexer inputs are detached). Optional sparse stage (--sparse-steps): the pattern's
 own top-k, L_multi over the selected keys, plus the LM loss for the rest of the model.
@@ -21,14 +21,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ic_jax.checkpoint import StateStore, load_checkpoint, read_config, save_checkpoint, trained_seq_len
-from ic_jax.data import DEFAULT_DATA, load_split, training_batch
+from ic_jax.calibration.data import DEFAULT_DATA, load_split, training_batch
+from ic_jax.calibration.training import check_seq_len, graphdef_for, make_step, run_steps
 from ic_jax.cli import ArgumentParser, add_seed_argument, entry, fraction, nonneg_int, positive_float, positive_int
-from ic_jax.model import build_model, layer_params, top_params
 from ic_jax.files import claim_output_dir
-from ic_jax.pattern import parse_pattern
-from ic_jax.run_options import RunOptions
-from ic_jax.train import check_seq_len, graphdef_for, make_step, run_steps
+from ic_jax.model.dsa import build_model, layer_params, top_params
+from ic_jax.model.pattern import parse_pattern
+from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.checkpoint import StateStore, load_checkpoint, read_config, save_checkpoint, trained_seq_len
 
 
 def main(argv=None) -> int:

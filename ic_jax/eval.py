@@ -4,10 +4,10 @@ several context lengths.
   python -m ic_jax.eval --ckpt runs/m --patterns FFFF keep:0.5 @runs/search/keep0.5.json --extra-ckpt runs/d
 
 Each --patterns entry is evaluated on the --ckpt weights; each --extra-ckpt (a distilled checkpoint, say)
-under its own pattern.json. Retrieval (see `ic_jax.data`): a table of keys and 4-digit values at the start,
+under its own pattern.json. Retrieval (see `ic_jax.calibration.data`): a table of keys and 4-digit values at the start,
 real code as filler, the lookup at the end; a sample counts as right when greedy (argmax) prediction gets
 every digit of the value, and answer_nll is the mean loss of those digits (chance: ln 10). All rows run
-through one compiled program per sequence length (`ic_jax.reuse`).
+through one compiled program per sequence length (`ic_jax.calibration.reuse`).
 """
 
 from __future__ import annotations
@@ -19,14 +19,22 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ic_jax.checkpoint import default_pattern, load_checkpoint, read_config, trained_seq_len
-from ic_jax.data import (ANSWER_DIGITS, DEFAULT_DATA, MIN_RETRIEVAL_LENGTH, Corpus, load_split, resolve_files,
-                         retrieval_set)
-from ic_jax.cli import ArgumentParser, add_impl_argument, check_context, entry, positive_int
+from ic_jax.calibration.data import (
+    ANSWER_DIGITS,
+    DEFAULT_DATA,
+    MIN_RETRIEVAL_LENGTH,
+    Corpus,
+    load_split,
+    resolve_files,
+    retrieval_set,
+)
+from ic_jax.calibration.reuse import ReuseEvaluator
+from ic_jax.cli import ArgumentParser, add_impl_argument, entry, positive_int
 from ic_jax.files import atomic_write_text, check_output_file
-from ic_jax.pattern import parse_pattern
-from ic_jax.reuse import ReuseEvaluator
-from ic_jax.run_options import RunOptions
+from ic_jax.model.config import check_context
+from ic_jax.model.pattern import parse_pattern
+from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.checkpoint import default_pattern, load_checkpoint, read_config, trained_seq_len
 
 
 def retrieval_scores(ev: ReuseEvaluator, own, tokens: np.ndarray, starts: np.ndarray) -> tuple[float, float]:
@@ -72,7 +80,8 @@ def main(argv=None) -> int:
         p.error("nothing to evaluate: give --patterns and/or --extra-ckpt")
     short = [n_ for n_ in a.lengths or [] if n_ < MIN_RETRIEVAL_LENGTH]
     if short:
-        p.error(f"argument --lengths: {short[0]} is too short for a key-value lookup; use at least {MIN_RETRIEVAL_LENGTH}")
+        p.error(f"argument --lengths: {short[0]} is too short for a key-value lookup; use at least "
+                f"{MIN_RETRIEVAL_LENGTH}")
     out = check_output_file(a.out, "--out") if a.out else None
     cfg = read_config(a.ckpt)
     n = cfg.num_hidden_layers

@@ -18,20 +18,28 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ic_jax.checkpoint import load_checkpoint
-from ic_jax.config import load_config
-from ic_jax.engine import Engine
-from ic_jax.cli import (ArgumentParser, add_impl_argument, add_seed_argument, entry, fraction, nonneg_float,
-                        nonneg_int, positive_int)
+from ic_jax.cli import (
+    ArgumentParser,
+    add_impl_argument,
+    add_seed_argument,
+    entry,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+)
 from ic_jax.errors import UserError
 from ic_jax.files import read_stdin, read_text
-from ic_jax.model import DSAModel, moe_layers
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel, moe_layers
+from ic_jax.model.pattern import describe_layout, parse_pattern
+from ic_jax.model.run_options import RunOptions
 from ic_jax.package_data import DEFAULT_CKPT
-from ic_jax.pattern import describe_layout, parse_pattern
-from ic_jax.run_options import RunOptions
-from ic_jax.sampling import Sampling
-from ic_jax.sharding import init_distributed, make_mesh, parse_mesh, shard_model
-from ic_jax.tokenizer import load_tokenizer
+from ic_jax.runtime.checkpoint import load_checkpoint
+from ic_jax.runtime.engine import Engine
+from ic_jax.runtime.sampling import Sampling
+from ic_jax.runtime.sharding import init_distributed, make_mesh, parse_mesh, shard_model
+from ic_jax.runtime.tokenizer import load_tokenizer
 
 PATTERN_HELP = """IndexCache pattern, one of: an F/S string per layer (FSFSSS...); a shorter motif repeated
 and cut to the layer count (FSSS); freq:N or freq:N,offset:M (SGLang/vLLM index_topk_freq rule);
@@ -42,7 +50,8 @@ def parse_args(argv):
     p = ArgumentParser(prog="python -m ic_jax.generate", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model")
-    src.add_argument("--ckpt", type=Path, help="checkpoint directory (default: the embedded model, checkpoints/default)")
+    src.add_argument("--ckpt", type=Path,
+                     help="checkpoint directory (default: the embedded model shipped in ic_jax/checkpoints/default)")
     src.add_argument("--config", help="config JSON or preset name (tiny, glm47_flash_dsa, deepseek_v32, glm5); "
                                       "with --ckpt it must match the checkpoint's shapes")
     src.add_argument("--init", choices=["random"], help="random weights from --config instead of a checkpoint")

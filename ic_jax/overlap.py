@@ -20,16 +20,16 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from ic_jax.attention import selection_mask
-from ic_jax.checkpoint import load_checkpoint, read_config, trained_seq_len
-from ic_jax.cli import ArgumentParser, check_context, entry, positive_int
+from ic_jax.calibration.data import DEFAULT_DATA, calibration_windows
+from ic_jax.calibration.plots import overlap_heatmap
+from ic_jax.cli import ArgumentParser, entry, positive_int
 from ic_jax.errors import UserError
 from ic_jax.files import atomic_write_text, check_output_file
-from ic_jax.pattern import parse_pattern
-from ic_jax.plots import overlap_heatmap
-from ic_jax.run_options import RunOptions
-from ic_jax.search import calibration
-from ic_jax.data import DEFAULT_DATA
+from ic_jax.model.attention import selection_mask
+from ic_jax.model.config import check_context
+from ic_jax.model.pattern import parse_pattern
+from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.checkpoint import load_checkpoint, read_config, trained_seq_len
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     seq_len = a.seq_len or trained_seq_len(a.ckpt)
     check_context(seq_len, cfg, "--seq-len")
     model = load_checkpoint(a.ckpt, "F" * n)
-    tokens = calibration(a.data, a.seqs, seq_len, 0.05)
+    tokens = calibration_windows(a.data, a.seqs, seq_len, 0.05)
     m = overlap_matrix(model, tokens, a.batch)
     adjacent = float(np.mean(np.diag(m, 1))) if n > 1 else 1.0
     result = {"ckpt": a.ckpt, "layers": n, "k": model.cfg.index_topk, "seq_len": tokens.shape[1],

@@ -10,7 +10,7 @@ and commits the best candidate of each block (P flips per step, about P times fe
 
 Speed: a pattern is a compiled structure (one scan per run of identical layer groups), so evaluating
 hundreds of candidates through their own models costs hundreds of compilations. Instead every candidate
-runs on one program (`ic_jax.reuse`): the all-F model with the pattern as a runtime boolean array, the
+runs on one program (`ic_jax.calibration.reuse`): the all-F model with the pattern as a runtime boolean array, the
 calibration batches mapped inside it and `--chunk` candidates stacked per call. So the search compiles
 once; `--measure-compile` also times one compilation of a real pattern model for comparison (reported).
 
@@ -31,20 +31,20 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
-from ic_jax.checkpoint import load_checkpoint, read_config, trained_seq_len
-from ic_jax.data import DEFAULT_DATA, Corpus, load_split, resolve_files
-from ic_jax.cli import ArgumentParser, add_impl_argument, check_context, entry, fraction, positive_int
+from ic_jax.calibration.data import DEFAULT_DATA, calibration_windows
+from ic_jax.calibration.losses import lm_loss
+from ic_jax.calibration.plots import curves
+from ic_jax.calibration.reuse import ReuseEvaluator
+from ic_jax.cli import ArgumentParser, add_impl_argument, entry, fraction, positive_int
 from ic_jax.errors import UserError
-from ic_jax.losses import lm_loss
-from ic_jax.model import repattern
 from ic_jax.files import atomic_write_text, check_output_file, read_json
-from ic_jax.pattern import keep_pattern
-from ic_jax.plots import curves
-from ic_jax.reuse import ReuseEvaluator
-from ic_jax.run_options import RunOptions
+from ic_jax.model.config import check_context
+from ic_jax.model.dsa import repattern
+from ic_jax.model.pattern import keep_pattern
+from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.checkpoint import load_checkpoint, read_config, trained_seq_len
 
 
 def flags(pattern: str) -> list[bool]:
@@ -74,12 +74,6 @@ def greedy_step(ev: ReuseEvaluator, tokens, pattern: str, blocks: int, budget: i
         loss = float(ev.mean_losses([flags(new)], tokens, chunk)[0])
     return {"num_s": new.count("S"), "pattern": new, "loss": round(float(loss), 6), "flipped": flipped,
             "candidates": {str(i): round(float(v), 6) for i, v in zip(cands, losses)}}
-
-
-def calibration(spec: str, n: int, length: int, heldout_frac: float) -> np.ndarray:
-    """n fixed windows: of the held-out files for the default corpus, else of every file of the glob."""
-    corpus = load_split(spec, heldout_frac)[1] if spec == DEFAULT_DATA else Corpus(resolve_files(spec))
-    return corpus.windows(np.random.default_rng(1234), n, length)
 
 
 def measure_pattern_compile(model, tokens, pattern: str, opts: RunOptions) -> float:
@@ -126,7 +120,7 @@ def main(argv=None) -> int:
     state_path = check_output_file(a.state or out.parent / "search.state.json", "--state")
     seq_len = a.seq_len or trained_seq_len(a.ckpt)
     check_context(seq_len, cfg, "--seq-len")
-    tokens = calibration(a.calib, a.calib_seqs, seq_len, a.heldout_frac)
+    tokens = calibration_windows(a.calib, a.calib_seqs, seq_len, a.heldout_frac)
     settings = {"ckpt": str(Path(a.ckpt).resolve()), "blocks": a.blocks, "calib": a.calib,
                 "calib_sha1": hashlib.sha1(tokens.tobytes()).hexdigest(), "calib_shape": list(tokens.shape)}
     state = read_json(state_path, f"search state {state_path}", keys=("settings", "timing", "trajectory"),

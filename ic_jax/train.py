@@ -8,7 +8,7 @@ L1-normalised attention. The indexer's inputs are detached, so the two losses tr
 Stage 2 (sparse): real top-k; the indexer's KL is taken over the selected keys, the LM loss trains the rest.
 
 Training data: random byte windows of the train files, with --retrieval-frac of the rows replaced by
-key-value lookups (see `ic_jax.data`) so that the model learns to use far context.
+key-value lookups (see `ic_jax.calibration.data`) so that the model learns to use far context.
 State (params, optimizer, loss history) is saved with orbax every --save-every steps under OUT.state/;
 a killed run, started again with the same arguments, resumes there: batches are a function of
 (seed, step), so the resumed run ends exactly where an uninterrupted one would. The finished model is
@@ -18,79 +18,32 @@ in OUT/train_curve.png.
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
-from ic_jax.checkpoint import StateStore, save_checkpoint
-from ic_jax.config import load_config
-from ic_jax.data import DEFAULT_DATA, MIN_RETRIEVAL_LENGTH, load_split, training_batch
-from ic_jax.cli import (ArgumentParser, add_seed_argument, check_context, entry, fraction, nonneg_int, positive_float,
-                        positive_int)
-from ic_jax.errors import UserError
-from ic_jax.losses import indexer_loss, lm_loss
-from ic_jax.memory import compile_within_memory
-from ic_jax.model import DSAModel
+from ic_jax.calibration.data import DEFAULT_DATA, load_split, training_batch
+from ic_jax.calibration.plots import curves
+from ic_jax.calibration.reuse import ReuseEvaluator
+from ic_jax.calibration.training import check_seq_len, graphdef_for, make_step, run_steps
+from ic_jax.cli import (
+    ArgumentParser,
+    add_seed_argument,
+    entry,
+    fraction,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 from ic_jax.files import claim_output_dir
-from ic_jax.plots import curves
-from ic_jax.reuse import ReuseEvaluator
-from ic_jax.run_options import RunOptions
-
-
-def graphdef_for(cfg, pattern: str):
-    return nnx.graphdef(nnx.eval_shape(lambda: DSAModel(cfg, pattern, nnx.Rngs(0))))
-
-
-def make_step(graphdef, tx, opts: RunOptions, pattern: str, lm_weight: float, kl_weight: float = 1.0):
-    """One jitted optimizer step on lm_weight * LM + kl_weight * indexer_loss(pattern)."""
-
-    def loss_fn(params, tokens):
-        logits, aux = nnx.merge(graphdef, params).forward(tokens, opts)
-        lm, ikl = lm_loss(logits, tokens), indexer_loss(aux, pattern)
-        return lm_weight * lm + kl_weight * ikl, {"lm": lm, "kl": ikl}
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, tokens):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
-
-    return step
-
-
-def run_steps(store: StateStore, steps: list, tree, total: int, batch_fn, batch_shape: tuple[int, int],
-              save_every: int, log_every: int, desc: str, time_limit: float | None = None):
-    """Runs `total` steps, steps[i] being the jitted (params, opt, tokens) -> (params, opt, metrics) function of
-    step i, resuming from the store and saving to it; stops early (saved) after `time_limit` seconds. Each step
-    function is compiled first and checked against the free memory. Returns (tree, history, steps done)."""
-    tokens = jax.ShapeDtypeStruct(batch_shape, np.int32)
-    compiled = {step: compile_within_memory(step, (*tree, tokens), f"a {desc} step of batch {batch_shape[0]} x "
-                                            f"{batch_shape[1]} tokens", "lower --batch or --seq-len")
-                for step in dict.fromkeys(steps)}
-    steps = [compiled[step] for step in steps]
-    deadline = time.monotonic() + time_limit if time_limit else None
-    start, tree, history = store.restore(tree)
-    params, opt_state = tree
-    bar = tqdm(range(start, total), initial=start, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
-    for i in bar:
-        params, opt_state, metrics = steps[i](params, opt_state, batch_fn(i))
-        if (i + 1) % log_every == 0 or i + 1 == total:
-            history.append({"step": i + 1, **{k: round(float(v), 5) for k, v in metrics.items()}})
-            bar.set_postfix({k: history[-1][k] for k in metrics})
-        late = deadline is not None and time.monotonic() > deadline
-        if (i + 1) % save_every == 0 or i + 1 == total or late:
-            store.save(i + 1, (params, opt_state), history)
-        if late:
-            return (params, opt_state), history, i + 1
-    return (params, opt_state), history, total
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel
+from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.checkpoint import StateStore, save_checkpoint
 
 
 def heldout_report(model: DSAModel, held, n: int, length: int, pattern: str | None = None) -> dict:
@@ -99,14 +52,6 @@ def heldout_report(model: DSAModel, held, n: int, length: int, pattern: str | No
     own = [c == "F" for c in pattern or "F" * model.cfg.num_hidden_layers]
     loss = float(np.mean(ReuseEvaluator(model).token_losses(own, tokens)))
     return {"heldout_loss": round(loss, 4), "heldout_ppl": round(float(np.exp(loss)), 3)}
-
-
-def check_seq_len(seq_len: int, cfg, retrieval_frac: float, flag: str = "--seq-len") -> None:
-    """A training context the model and the retrieval rows can take."""
-    check_context(seq_len, cfg, flag)
-    if retrieval_frac > 0 and seq_len < MIN_RETRIEVAL_LENGTH:
-        raise UserError(f"{flag} {seq_len} is too short for the key-value retrieval rows (at least "
-                        f"{MIN_RETRIEVAL_LENGTH}); raise {flag} or pass --retrieval-frac 0")
 
 
 def main(argv=None) -> int:

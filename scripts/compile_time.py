@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ic_jax.config import load_config
-from ic_jax.engine import prefill_chunk
-from ic_jax.model import DSAModel
-from ic_jax.pattern import parse_pattern
-from ic_jax.run_options import RunOptions
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel
+from ic_jax.model.pattern import parse_pattern
+from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.engine import prefill_chunk
 
 
 def main() -> None:

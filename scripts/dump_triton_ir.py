@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from ic_jax.bench.kernels import SCALE, TOPK, indexer_inputs, mla_inputs
-from ic_jax.pallas.indexer_logits import gpu as indexer_gpu
-from ic_jax.pallas.sparse_mla import gpu as mla_gpu
-from ic_jax.pallas.topk import gpu as topk_gpu
-from ic_jax.pallas.triton_lowering import triton_modules
+from ic_jax.ops.indexer_logits import gpu as indexer_gpu
+from ic_jax.ops.sparse_mla import gpu as mla_gpu
+from ic_jax.ops.topk import gpu as topk_gpu
+from ic_jax.ops.triton_lowering import triton_modules
 
 
 def main() -> None:

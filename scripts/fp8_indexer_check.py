@@ -18,7 +18,7 @@ import jax
 
 from ic_jax.bench.kernels import fp8_cache_args, indexer_inputs, rel_err
 from ic_jax.bench.timing import median_time
-from ic_jax.pallas.indexer_logits import gpu, reference
+from ic_jax.ops.indexer_logits import gpu, reference
 
 
 def mma_opcodes(workdir: str) -> dict:

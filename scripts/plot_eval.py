@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ic_jax.plots import curves
+from ic_jax.calibration.plots import curves
 
 
 def family(label: str) -> str:

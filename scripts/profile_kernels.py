@@ -16,8 +16,8 @@ import functools
 import jax
 
 from ic_jax.bench.kernels import SCALE, indexer_inputs, mla_inputs
-from ic_jax.pallas.indexer_logits import gpu as indexer_gpu
-from ic_jax.pallas.sparse_mla import gpu as mla_gpu
+from ic_jax.ops.indexer_logits import gpu as indexer_gpu
+from ic_jax.ops.sparse_mla import gpu as mla_gpu
 
 
 def main() -> None:

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ic_jax.config import load_config
-
+from ic_jax.model.config import load_config
 
 # ----------------------------------------------------------------------------------------------------------
 # fixtures

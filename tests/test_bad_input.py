@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from ic_jax.checkpoint import save_checkpoint
-from ic_jax.config import load_config
-from ic_jax.model import DSAModel
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel
+from ic_jax.runtime.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = 60  # generous for a loaded 2-core machine; a hang runs for minutes

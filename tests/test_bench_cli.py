@@ -7,10 +7,9 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-
 import jax
 import jax.numpy as jnp
+import pytest
 
 from ic_jax.bench import e2e, grouped_matmul, kernels, roofline, step, sweep
 from ic_jax.cli import parse_size, size_list

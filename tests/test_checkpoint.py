@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ic_jax import checkpoint
-from ic_jax.config import load_config
 from ic_jax.errors import UserError
-from ic_jax.model import DSAModel, repattern
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel, repattern
+from ic_jax.runtime import checkpoint
 
 CFG = load_config("tiny").replace(dtype="float32")
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ic_jax.config import CONFIG_DIR, ModelConfig, load_config
 from ic_jax.errors import UserError
-from ic_jax.model import DSAModel
+from ic_jax.model.config import CONFIG_DIR, ModelConfig, load_config
+from ic_jax.model.dsa import DSAModel
+from ic_jax.model.pattern import parse_pattern
 from ic_jax.package_data import DEFAULT_CKPT
-from ic_jax.pattern import parse_pattern
 
 TINY = json.loads((CONFIG_DIR / "tiny.json").read_text())  # 8 layers, first dense, 8 experts in 2 groups, top-2
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "beta_fast": 32.0, "beta_slow": 1.0,

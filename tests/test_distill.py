@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ic_jax.losses import groups, multi_layer_kl
+from ic_jax.calibration.losses import groups, multi_layer_kl
 
 
 def test_multi_layer_gradient_equals_kl_to_the_average():

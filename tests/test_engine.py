@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ic_jax.config import load_config
-from ic_jax.engine import Engine, decode_step
-from ic_jax.model import DSAModel, repattern
-from ic_jax.pallas.indexer_logits.reference import quantize_fp8
-from ic_jax.run_options import RunOptions
-from ic_jax.sampling import Sampling
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel, repattern
+from ic_jax.model.run_options import RunOptions
+from ic_jax.ops.indexer_logits.reference import quantize_fp8
+from ic_jax.runtime.engine import Engine, decode_step
+from ic_jax.runtime.sampling import Sampling
 
 CFG = load_config("tiny").replace(dtype="float32", index_topk=4)
 TOL = dict(rtol=2e-4, atol=2e-4)

@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from ic_jax import eval as evaluation
-from ic_jax.checkpoint import save_checkpoint
-from ic_jax.config import load_config
-from ic_jax.data import ANSWER_DIGITS, Corpus, resolve_files
-from ic_jax.losses import lm_loss
-from ic_jax.model import DSAModel, repattern
+from ic_jax.calibration.data import ANSWER_DIGITS, Corpus, resolve_files
+from ic_jax.calibration.losses import lm_loss
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel, repattern
+from ic_jax.runtime.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = str(ROOT / "ic_jax/**/*.py")

@@ -15,11 +15,11 @@ from flax import nnx
 
 from ic_jax import files
 from ic_jax.bench.timing import write_json
-from ic_jax.checkpoint import load_checkpoint, save_checkpoint
-from ic_jax.config import load_config
 from ic_jax.errors import UserError
-from ic_jax.model import DSAModel, layer_params
 from ic_jax.files import atomic_write_text, check_output_file, claim_output_dir, read_json
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel, layer_params
+from ic_jax.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

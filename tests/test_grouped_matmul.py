@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ic_jax.pallas.grouped_matmul import GATHERED_IMPLEMENTATIONS, IMPLEMENTATIONS, gathered_matmul, grouped_matmul
-from ic_jax.pallas.grouped_matmul import gpu
+from ic_jax.ops.grouped_matmul import GATHERED_IMPLEMENTATIONS, IMPLEMENTATIONS, gathered_matmul, gpu, grouped_matmul
 
 IMPLS = list(IMPLEMENTATIONS)
 

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import ic_jax.model as model_mod
-from ic_jax import pallas as ops
-from ic_jax.attention import Indexer
-from ic_jax.losses import indexer_loss, lm_loss
-from ic_jax.model import DSAModel
-from ic_jax.pattern import parse_pattern
-from ic_jax.run_options import RunOptions
+import ic_jax.model.dsa as model_mod
+from ic_jax import ops
+from ic_jax.calibration.losses import indexer_loss, lm_loss
+from ic_jax.model.attention import Indexer
+from ic_jax.model.dsa import DSAModel
+from ic_jax.model.pattern import parse_pattern
+from ic_jax.model.run_options import RunOptions
 
 T = 24
 
@@ -47,7 +47,7 @@ def assert_logits_close(got, want, rtol=1e-4):
 
 
 class IndexRecorder:
-    """Wraps `ic_jax.model.sparse_attention` and records, per layer, the indices it is given.
+    """Wraps `ic_jax.model.dsa.sparse_attention` and records, per layer, the indices it is given.
 
     Each traced call gets a static number (stage by stage, block position by position: the scan body is
     traced once per stage); a debug callback reports the scan step at run time, which gives the layer id.

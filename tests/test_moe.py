@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ic_jax.layers import DenseFFN, MoE
+from ic_jax.model.layers import DenseFFN, MoE
 
 
 def moe_params(layer):

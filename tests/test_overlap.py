@@ -4,8 +4,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ic_jax.config import load_config
-from ic_jax.model import DSAModel, build_model, layer_params, top_params
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel, build_model, layer_params, top_params
 from ic_jax.overlap import overlap_matrix
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ic_jax.config import load_config
 from ic_jax.errors import UserError
+from ic_jax.model.config import load_config
+from ic_jax.model.pattern import parse_pattern
 from ic_jax.package_data import CONFIG_DIR, DEFAULT_CKPT, PACKAGE_DIR
-from ic_jax.pattern import parse_pattern
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = [CONFIG_DIR, DEFAULT_CKPT]
@@ -111,7 +111,7 @@ def test_wheel_ships_the_data_and_generates_outside_the_repository(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     generate = [str(python), "-m", "ic_jax.generate", "--max-new-tokens", "8"]
     commands = {
-        "where": [str(python), "-c", "import ic_jax, ic_jax.config as c; print(ic_jax.__file__); "
+        "where": [str(python), "-c", "import ic_jax, ic_jax.model.config as c; print(ic_jax.__file__); "
                                      "print(c.load_config('configs/code24.json').num_hidden_layers)"],
         "embedded": [*generate, "--prompt", "def fib(n):", "--json"],
         "random": [*generate, "--config", "tiny", "--init", "random", "--prompt", "hi"],

@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ic_jax import pallas as ops
-from ic_jax.pallas.indexer_logits.reference import quantize_fp8
-from ic_jax.pallas.triton_lowering import triton_modules
+from ic_jax import ops
+from ic_jax.ops.indexer_logits.reference import quantize_fp8
+from ic_jax.ops.triton_lowering import triton_modules
 
-# the op packages (ic_jax.pallas re-exports their functions under the same names)
-il_op = importlib.import_module("ic_jax.pallas.indexer_logits")
-mla_op = importlib.import_module("ic_jax.pallas.sparse_mla")
-topk_op = importlib.import_module("ic_jax.pallas.topk")
+# the op packages (ic_jax.ops re-exports their functions under the same names)
+il_op = importlib.import_module("ic_jax.ops.indexer_logits")
+mla_op = importlib.import_module("ic_jax.ops.sparse_mla")
+topk_op = importlib.import_module("ic_jax.ops.topk")
 
 SMALL_BLOCKS = {
     "pallas_gpu": {"indexer_logits": dict(block_q=16, block_k=32), "topk": dict(chunk=16, cap=32),
@@ -250,7 +250,7 @@ def ops_on(text: str, *shapes) -> set[str]:
 def test_gpu_reads_stacked_keys_in_place(fp8, tq):
     """The GPU kernel on a stacked cache, lowered for CUDA here on the CPU: k (and its scales) reach the Triton
     call only reshaped, with no pad, slice or copy; a stack of e4m3 keys past int32 offsets is sliced instead."""
-    gpu = importlib.import_module("ic_jax.pallas.indexer_logits.gpu")
+    gpu = importlib.import_module("ic_jax.ops.indexer_logits.gpu")
     fn = gpu.indexer_logits_fp8 if fp8 else gpu.indexer_logits
     k_dtype, k_type = (jnp.float8_e4m3fn, "f8E4M3FN") if fp8 else (jnp.bfloat16, "bf16")
 
@@ -277,7 +277,7 @@ def test_gpu_indexer_dots_take_hopper_mma(tq, heads, dim, tk, result):
     [64 queries, D] x [D, 128 keys]; the per-query (decode) kernel's has the keys as rows, [256 keys, D] x [D, 32
     heads] (at least the 64 rows of Hopper's warpgroup MMA, which 32 heads as rows are not). The fp8 dots carry
     maxNumImpreciseAcc = D (without it Triton runs them upcast on the Ampere MMA), the bf16 dots do not."""
-    gpu = importlib.import_module("ic_jax.pallas.indexer_logits.gpu")
+    gpu = importlib.import_module("ic_jax.ops.indexer_logits.gpu")
     args = [jax.ShapeDtypeStruct(s, t) for s, t in [((1, tq, heads, dim), jnp.bfloat16), ((1, tk, dim), jnp.bfloat16),
                                                     ((1, tq, heads), jnp.float32), ((1, tq), jnp.int32),
                                                     ((1,), jnp.int32)]]
@@ -388,7 +388,7 @@ def test_indexer_topk(impl, fp8, monkeypatch):
     keys) so that it takes a seed: the op then has the indexer write the seed's block maxima with the logits."""
     seeded = []
     if impl == "pallas_gpu":
-        topk_gpu = importlib.import_module("ic_jax.pallas.topk.gpu")
+        topk_gpu = importlib.import_module("ic_jax.ops.topk.gpu")
         kernel, seed_block = topk_gpu.topk_indices, topk_gpu.seed_block
 
         def small_buffer(*a, block_maxima=None, **kw):
@@ -420,7 +420,7 @@ def test_indexer_topk(impl, fp8, monkeypatch):
 
 def test_gpu_block_maxima_lower_to_triton():
     """The fused maxima (a reshape of the score tile and a max over its last axis) lower to Triton IR for CUDA."""
-    gpu = importlib.import_module("ic_jax.pallas.indexer_logits.gpu")
+    gpu = importlib.import_module("ic_jax.ops.indexer_logits.gpu")
     args = [jax.ShapeDtypeStruct(s, t) for s, t in [((1, 64, 4, 64), jnp.bfloat16), ((1, 512, 64), jnp.bfloat16),
                                                     ((1, 64, 4), jnp.float32), ((1, 64), jnp.int32), ((1,), jnp.int32)]]
     (module,) = triton_modules(lambda *a: gpu.indexer_logits(*a, block_max=32), *args)
@@ -447,7 +447,7 @@ def test_gpu_topk_seed_follows_the_visible_length():
     cap * b values. Each row then has at least k maxima, so a seed (32-key blocks would leave the shortest rows
     4-5); the sets are the float64 reference's."""
     rng = np.random.default_rng(12)
-    gpu = importlib.import_module("ic_jax.pallas.topk.gpu")
+    gpu = importlib.import_module("ic_jax.ops.topk.gpu")
     for (lo, hi), b in [((120, 150), 4), ((300, 460), 8), ((1700, 2000), 32)]:
         visible = np.linspace(lo, hi, 16).astype(np.int32)
         x = rng.standard_normal((1, 16, 2000)).astype(np.float32)

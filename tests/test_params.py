@@ -7,9 +7,9 @@ import jax
 import pytest
 from flax import nnx
 
-from ic_jax.config import load_config
-from ic_jax.model import DSAModel
-from ic_jax.pattern import parse_pattern
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel
+from ic_jax.model.pattern import parse_pattern
 
 PUBLISHED = {"glm47_flash_dsa": 30e9, "deepseek_v32": 671e9, "glm5": 744e9}
 

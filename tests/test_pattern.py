@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ic_jax.config import load_config
 from ic_jax.errors import UserError
+from ic_jax.model.config import load_config
+from ic_jax.model.pattern import PatternError, build_stages, parse_pattern
 from ic_jax.package_data import CONFIG_DIR
-from ic_jax.pattern import PatternError, build_stages, parse_pattern
 
 PATTERNS = CONFIG_DIR / "patterns"
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ic_jax.sampling import Sampling, sample
+from ic_jax.runtime.sampling import Sampling, sample
 
 LOGITS = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.07, 0.03]]))
 

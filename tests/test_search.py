@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from ic_jax import search
-from ic_jax.checkpoint import save_checkpoint
-from ic_jax.config import load_config
-from ic_jax.losses import lm_loss, token_losses
-from ic_jax.model import DSAModel, build_model, layer_params, repattern, top_params
-from ic_jax.reuse import ReuseEvaluator
+from ic_jax.calibration.losses import lm_loss, token_losses
+from ic_jax.calibration.reuse import ReuseEvaluator
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel, build_model, layer_params, repattern, top_params
+from ic_jax.runtime.checkpoint import save_checkpoint
 from tests.test_overlap import zero_output
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def test_greedy_finds_planted_lossless_layers(model):
 
 
 def run_search(tmp, ckpt, *extra):
-    return search.main(["--ckpt", str(ckpt), "--calib", str(ROOT / "ic_jax/pallas/**/*.py"), "--calib-seqs", "4",
+    return search.main(["--ckpt", str(ckpt), "--calib", str(ROOT / "ic_jax/ops/**/*.py"), "--calib-seqs", "4",
                         "--batch", "2", "--seq-len", "32", "--keep", "0.25", "--out", str(tmp / "p.json"), *extra])
 
 

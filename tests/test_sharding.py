@@ -7,10 +7,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from jax.sharding import PartitionSpec
 
 from ic_jax.errors import UserError
-from ic_jax.sharding import parse_mesh
+from ic_jax.runtime.sharding import parse_mesh
 
 SCRIPT = textwrap.dedent("""
     import os
@@ -18,10 +17,10 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jax.sharding import PartitionSpec as P
-    from ic_jax.config import load_config
-    from ic_jax.engine import Engine
-    from ic_jax.model import DSAModel
-    from ic_jax.sharding import make_mesh, parse_mesh, shard_model
+    from ic_jax.model.config import load_config
+    from ic_jax.runtime.engine import Engine
+    from ic_jax.model.dsa import DSAModel
+    from ic_jax.runtime.sharding import make_mesh, parse_mesh, shard_model
     cfg = load_config("tiny").replace(dtype="float32")
     model = DSAModel(cfg, "FSSSFSSS", nnx.Rngs(0))
     prompts = [list(np.random.default_rng(b).integers(0, 256, 5 + b)) for b in range(4)]

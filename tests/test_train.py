@@ -7,11 +7,11 @@ import pytest
 from flax import nnx
 
 from ic_jax import train
-from ic_jax.checkpoint import load_checkpoint
-from ic_jax.config import load_config
-from ic_jax.losses import indexer_loss, lm_loss
-from ic_jax.model import DSAModel, layer_params
-from ic_jax.run_options import RunOptions
+from ic_jax.calibration.losses import indexer_loss, lm_loss
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel, layer_params
+from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.checkpoint import load_checkpoint
 
 CFG = load_config("tiny")
 

@@ -1,4 +1,4 @@
-"""ic_jax's hook into Pallas' Triton lowering (`ic_jax.pallas.triton_lowering`) leaves JAX as it is: importing
+"""ic_jax's hook into Pallas' Triton lowering (`ic_jax.ops.triton_lowering`) leaves JAX as it is: importing
 ic_jax rebinds no JAX function and adds or replaces no lowering rule, and the fp8 dot marking reaches only the
 kernels built with `fp8_dot_params`, whatever else is lowered with them."""
 
@@ -15,8 +15,8 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ic_jax.pallas import triton_lowering
-from ic_jax.pallas.triton_lowering import fp8_dot_params, triton_modules
+from ic_jax.ops import triton_lowering
+from ic_jax.ops.triton_lowering import fp8_dot_params, triton_modules
 
 # Run in a fresh interpreter: JAX and the public Pallas modules first, then a snapshot of every function and class
 # of every loaded jax module and of every lowering registry; then ic_jax's ops are imported, and our fp8 kernel is
@@ -52,13 +52,13 @@ def changes(before_attributes, before_rules):
             "rules added": sorted(f"{k} by {owner(v)}" for k, v in after_rules.items() if k not in before_rules)}
 
 before = attributes(), rules()
-import ic_jax, ic_jax.pallas
-for module in pkgutil.walk_packages(ic_jax.pallas.__path__, "ic_jax.pallas."):
+import ic_jax, ic_jax.ops
+for module in pkgutil.walk_packages(ic_jax.ops.__path__, "ic_jax.ops."):
     importlib.import_module(module.name)
 report = {"import": changes(*before)}
 
-from ic_jax.pallas.indexer_logits import gpu
-from ic_jax.pallas.triton_lowering import triton_modules
+from ic_jax.ops.indexer_logits import gpu
+from ic_jax.ops.triton_lowering import triton_modules
 args = [jax.ShapeDtypeStruct(s, t) for s, t in [((1, 64, 4, 64), jnp.bfloat16), ((1, 256, 64), jnp.bfloat16),
                                                 ((1, 64, 4), jnp.float32), ((1, 64), jnp.int32), ((1,), jnp.int32)]]
 report["fp8 dot marked"] = "maxNumImpreciseAcc = 64" in triton_modules(gpu.indexer_logits_fp8, *args)[0]
@@ -79,7 +79,7 @@ def test_importing_ic_jax_leaves_jax_lowering_as_it_was():
     assert report["lowering"]["rebound"] == [] and report["lowering"]["rules replaced"] == []
     ours = [re.sub(r"<class '([\w.]+)'>", r"\1", rule) for rule in report["lowering"]["rules added"]
             if not rule.endswith(" by jax._src.pallas.triton.pallas_call_registration")]
-    assert ours == ["('pallas backends', ic_jax.pallas.triton_lowering.Fp8DotParams) by ic_jax.pallas.triton_lowering"]
+    assert ours == ["('pallas backends', ic_jax.ops.triton_lowering.Fp8DotParams) by ic_jax.ops.triton_lowering"]
 
 
 def _two_dots(params):

@@ -21,14 +21,14 @@ from flax import nnx
 from tqdm import tqdm
 
 from ic_jax.cli import SIZE_HELP, ArgumentParser, add_impl_argument, add_seed_argument, entry, positive_int, size_list
-from ic_jax.config import load_config
-from ic_jax.engine import Engine, decode_step, prefill_chunk
 from ic_jax.errors import UserError
-from ic_jax.model import DSAModel
 from ic_jax.files import atomic_write_text, check_output_file
-from ic_jax.pattern import parse_pattern
-from ic_jax.run_options import RunOptions
-from ic_jax.sampling import Sampling
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel
+from ic_jax.model.pattern import parse_pattern
+from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.engine import Engine, decode_step, prefill_chunk
+from ic_jax.runtime.sampling import Sampling
 
 PAPER = {  # context -> (prefill all-F s, prefill 1/4 s, decode all-F tok/s, decode 1/4 tok/s), SGLang on H100
     10_000: (0.57, 0.45, 73.5, 91.0), 60_000: (3.38, 2.59, 67.0, 89.5),

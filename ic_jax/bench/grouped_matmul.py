@@ -20,7 +20,7 @@ from ic_jax.bench.timing import measure_ceilings, median_time, write_json
 from ic_jax.cli import ArgumentParser, entry
 from ic_jax.errors import UserError
 from ic_jax.files import check_output_file
-from ic_jax.pallas.grouped_matmul import gpu, reference
+from ic_jax.ops.grouped_matmul import gpu, reference
 
 TOKENS, TOPK, EXPERTS = 8192, 4, 64
 SHAPES = {"gate/up": (2048, 1536), "down": (1536, 2048)}

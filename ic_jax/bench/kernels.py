@@ -36,9 +36,9 @@ from ic_jax.bench.timing import measure_ceilings, median_time, print_table, writ
 from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, positive_int, size_list
 from ic_jax.errors import UserError
 from ic_jax.files import check_output_file
-from ic_jax.pallas import indexer_logits, sparse_mla, topk_indices
-from ic_jax.pallas.dispatch import pallas_name
-from ic_jax.pallas.indexer_logits.reference import quantize_fp8
+from ic_jax.ops import indexer_logits, sparse_mla, topk_indices
+from ic_jax.ops.dispatch import pallas_name
+from ic_jax.ops.indexer_logits.reference import quantize_fp8
 
 H_I, D_I, TOPK = 32, 128, 2048
 HEADS, LATENT, ROPE = 20, 512, 64

@@ -11,9 +11,8 @@ import math
 from pathlib import Path
 
 from ic_jax.cli import ArgumentParser, entry
-from ic_jax.files import read_text
 from ic_jax.errors import UserError
-from ic_jax.files import check_output_file
+from ic_jax.files import check_output_file, read_text
 
 
 def is_rate(v) -> bool:
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: the plot is a PNG; give a path ending in .png")
     check_output_file(out, "--out")
-    from ic_jax import plots  # matplotlib only here
+    from ic_jax.calibration import plots  # matplotlib only here
 
     gathers = sorted({round(r["gather_tbs"], 2) for r in payload["rows"] if is_rate(r.get("gather_tbs"))})
     plots.roofline(pts, ceil["matmul_flops"] / 1e12, ceil["copy_bytes_s"] / 1e12, gathers[:1] + gathers[-1:], out,

@@ -28,12 +28,12 @@ from tqdm import tqdm
 from ic_jax.bench.e2e import add_model_arguments, model_config, random_model
 from ic_jax.bench.flags import one_size
 from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, positive_int
-from ic_jax.engine import Engine, decode_step, prefill_chunk
 from ic_jax.errors import UserError
 from ic_jax.files import atomic_write_text, check_output_file
-from ic_jax.pattern import parse_pattern
-from ic_jax.run_options import RunOptions
-from ic_jax.sampling import Sampling
+from ic_jax.model.pattern import parse_pattern
+from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.engine import Engine, decode_step, prefill_chunk
+from ic_jax.runtime.sampling import Sampling
 
 PROFILED_STEPS = 3
 

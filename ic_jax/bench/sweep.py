@@ -19,10 +19,13 @@ from ic_jax.bench.timing import print_table, write_json
 from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, size_list
 from ic_jax.errors import UserError
 from ic_jax.files import check_output_file
-from ic_jax.pallas.indexer_logits import gpu as indexer_gpu, reference as indexer_ref
-from ic_jax.pallas.indexer_logits.reference import fp8_inputs
-from ic_jax.pallas.sparse_mla import gpu as mla_gpu, reference as mla_ref
-from ic_jax.pallas.topk import gpu as topk_gpu, reference as topk_ref
+from ic_jax.ops.indexer_logits import gpu as indexer_gpu
+from ic_jax.ops.indexer_logits import reference as indexer_ref
+from ic_jax.ops.indexer_logits.reference import fp8_inputs
+from ic_jax.ops.sparse_mla import gpu as mla_gpu
+from ic_jax.ops.sparse_mla import reference as mla_ref
+from ic_jax.ops.topk import gpu as topk_gpu
+from ic_jax.ops.topk import reference as topk_ref
 
 VARIANTS = {  # op -> keyword settings tried; the first is the kernel's default (None or absent: the kernel's own)
     "indexer": [dict(block_k=bk, num_warps=w, num_stages=s) for bk, w, s in
