@@ -55,7 +55,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, kind: LayerKind, rngs: nnx.Rngs, stack=()):
         out_std = (2 * cfg.num_hidden_layers * cfg.hidden_size) ** -0.5
-        self.cfg, self.kind = cfg, kind
+        self.cfg = cfg
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs, stack)
         self.attn = MLA(cfg, rngs, stack, out_std)
         self.indexer = Indexer(cfg, rngs, stack) if kind.full else None
@@ -104,8 +104,12 @@ class Block(nnx.Module):
         else:
             o_lat = sparse_attention(q_lat, q_rope, cache["kv"], cache["k_rope"], layer, indices, cfg, opts)
         x = x + self.attn.output(o_lat)
-        stacked = {} if experts is None else {"stacked": (*experts, layer)}
-        x = x + self.ffn(self.ffn_norm(x), opts.implementation, opts.interpret, **stacked)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            stacked = None if experts is None else (*experts, layer)
+            x = x + self.ffn(h, opts.implementation, opts.interpret, stacked)
+        else:
+            x = x + self.ffn(h)
         return x, cache, indices, aux
 
 

@@ -109,9 +109,7 @@ class DenseFFN(nnx.Module):
         self.w_up = param(rngs, (dim, hidden), ("embed", "mlp"), dtype, stack)
         self.w_down = param(rngs, (hidden, dim), ("mlp", "embed"), dtype, stack, std=out_std)
 
-    def __call__(self, x: Float[Array, "... D"], implementation: str = "xla", interpret: bool = False
-                 ) -> Float[Array, "... D"]:
-        """`implementation` and `interpret` are ignored: they match `MoE.__call__`'s."""
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
         h = jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_up[...])
         return h @ self.w_down[...]
 
