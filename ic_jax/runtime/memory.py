@@ -3,11 +3,22 @@ line naming the memory needed and free, instead of an allocator crash or the ope
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ic_jax.errors import UserError
+from ic_jax.model.config import ModelConfig
+from ic_jax.model.dsa import DSAModel
+from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.engine import decode_step, prefill_chunk
+from ic_jax.runtime.sampling import Sampling
+from ic_jax.runtime.sharding import cache_sharding, is_variable, param_shardings
 
 GIB = 2**30
 
@@ -45,3 +56,131 @@ def compile_within_memory(fn, args: tuple, what: str, fix: str):
             raise UserError(f"{what} needs {need / GIB:.1f} GiB of memory but {(free + resident) / GIB:.1f} GiB "
                             f"is free on {device.platform}; {fix}")
     return compiled
+
+
+# ----------------------------------------------------------------------------------------------------------
+# memory plans: what one device holds for a model, a mesh, a batch and a context, with nothing allocated
+
+GB = 10**9
+DEVICE_MEMORY = {"h200": 141 * GB, "h100": 80 * GB, "v5p": 95 * GB, "v6e": 32 * GB}  # per chip, as sold
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of the arrays or ShapeDtypeStructs in `tree`: each leaf's shard under its sharding,
+    the whole leaf where it has none."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        sharding = getattr(x, "sharding", None)
+        shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def abstract_model(cfg: ModelConfig, pattern: str) -> DSAModel:
+    """The model with ShapeDtypeStructs for parameters: its shapes, nothing allocated."""
+    return nnx.eval_shape(lambda: DSAModel(cfg, pattern, nnx.Rngs(0)))
+
+
+def abstract_params(model: DSAModel, mesh: Mesh | None):
+    """The model's state as ShapeDtypeStructs placed by `param_shardings` (unplaced without a mesh)."""
+    state = nnx.state(model)
+    if mesh is None:
+        return state
+    return jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                                                    sharding=s)),
+                        state, param_shardings(model, mesh), is_leaf=is_variable)
+
+
+def abstract_cache(model: DSAModel, batch: int, max_len: int, mesh: Mesh | None):
+    """The cache as ShapeDtypeStructs, placed as `Engine.new_cache` places it: the batch over "data" when it
+    divides, else whole on every device."""
+    cache = jax.eval_shape(lambda: model.init_cache(batch, max_len))
+    if mesh is None:
+        return cache
+    sharding = (cache_sharding(mesh) if batch % mesh.shape["data"] == 0
+                else NamedSharding(mesh, PartitionSpec()))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Per-device bytes of one model on one mesh at one batch and context. Params and caches are exact (shapes
+    and shardings); temporaries are what XLA's compiler reserves for the prefill chunk and the decode step."""
+
+    batch: int
+    context: int
+    chunk: int
+    params: int
+    cache: int
+    prefill_temp: int
+    decode_temp: int
+
+    @property
+    def temp(self) -> int:
+        return max(self.prefill_temp, self.decode_temp)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.cache + self.temp
+
+
+def compiled_temps(model: DSAModel, mesh: Mesh | None, batch: int, context: int, chunk: int,
+                   opts: RunOptions) -> tuple[int, int]:
+    """Temporary bytes per device of the prefill chunk and the decode step, compiled ahead of time for abstract
+    params and caches (on the devices of `mesh`, or the default device)."""
+    graphdef, params = nnx.graphdef(model), abstract_params(model, mesh)
+    cache = abstract_cache(model, batch, context, mesh)
+    whole = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+
+    def ints(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=whole)
+
+    prefill = prefill_chunk.lower(graphdef, params, ints(batch, chunk), ints(batch, chunk), cache, ints(batch),
+                                  opts).compile()
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    decode = decode_step.lower(graphdef, params, ints(batch), ints(batch), cache, key, opts, Sampling()).compile()
+    return (prefill.memory_analysis().temp_size_in_bytes, decode.memory_analysis().temp_size_in_bytes)
+
+
+def make_plan(model: DSAModel, mesh: Mesh | None, batch: int, context: int, chunk: int, opts: RunOptions) -> Plan:
+    chunk = min(chunk, context)
+    prefill_temp, decode_temp = compiled_temps(model, mesh, batch, context, chunk, opts)
+    return Plan(batch, context, chunk, shard_bytes(abstract_params(model, mesh)),
+                shard_bytes(abstract_cache(model, batch, context, mesh)), prefill_temp, decode_temp)
+
+
+def scaled(plan: Plan, model: DSAModel, mesh: Mesh | None, batch: int, context: int) -> Plan:
+    """The plan at another batch and context without compiling again: caches exact, temporaries scaled in
+    proportion to batch x context (their size grows with both; above the compiled point this overestimates
+    the part that does not)."""
+    factor = (batch * context) / (plan.batch * plan.context)
+    return dataclasses.replace(plan, batch=batch, context=context,
+                               cache=shard_bytes(abstract_cache(model, batch, context, mesh)),
+                               prefill_temp=math.ceil(plan.prefill_temp * factor),
+                               decode_temp=math.ceil(plan.decode_temp * factor))
+
+
+def max_batch(plan: Plan, model: DSAModel, mesh: Mesh | None, capacity: int, limit: int = 2**16) -> int:
+    """The largest batch at the plan's context whose plan fits `capacity` bytes (0 if none). Only multiples of the
+    "data" axis are candidates: any other batch keeps its cache whole on every device, which costs more than the
+    next multiple split."""
+    step = mesh.shape["data"] if mesh is not None else 1
+    return step * largest(lambda n: scaled(plan, model, mesh, n * step, plan.context).total <= capacity, 1,
+                          limit // step)
+
+
+def max_context(plan: Plan, model: DSAModel, mesh: Mesh | None, capacity: int) -> int:
+    """The longest context at the plan's batch whose plan fits `capacity` bytes, up to the model's
+    max_position_embeddings (0 if none)."""
+    return largest(lambda t: scaled(plan, model, mesh, plan.batch, t).total <= capacity, 1,
+                   model.cfg.max_position_embeddings)
+
+
+def largest(fits, low: int, high: int) -> int:
+    """The largest n in [low, high] with fits(n), given that fits is monotone (true then false); low - 1 if none."""
+    if not fits(low):
+        return low - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
