@@ -76,6 +76,15 @@ def greedy_step(ev: ReuseEvaluator, tokens, pattern: str, blocks: int, budget: i
             "candidates": {str(i): round(float(v), 6) for i, v in zip(cands, losses)}}
 
 
+def serving_settings(pattern: str) -> list[str]:
+    """One line each: the engine flags that serve `pattern` on the checkpoint as it is (vLLM reads
+    use_index_cache + index_topk_pattern, SGLang's IndexCache index_topk_pattern); `python -m ic_jax.convert
+    --to-hf` writes it into the checkpoint instead."""
+    vllm = json.dumps({"use_index_cache": True, "index_topk_pattern": pattern})
+    sglang = json.dumps({"index_topk_pattern": pattern})
+    return [f"vLLM:   --hf-overrides '{vllm}'", f"SGLang: --json-model-override-args '{sglang}'"]
+
+
 def measure_pattern_compile(model, tokens, pattern: str, opts: RunOptions) -> float:
     """Seconds to compile one real pattern model's loss: what a per-pattern search pays per candidate."""
     m = repattern(model, pattern)
@@ -173,6 +182,7 @@ def main(argv=None) -> int:
     else:
         print(f"pattern {done['pattern']} ({n - target} F of {n}); calibration loss {done['loss']} vs all-F "
               f"{traj[0]['loss']}; wrote {out} and {out.with_suffix('.png')}")
+        print("\n".join(serving_settings(done["pattern"])))
     return 0
 
 

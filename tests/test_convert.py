@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -111,3 +112,41 @@ def test_bad_checkpoints_one_line(tmp_path, capsys, edit, message):
     assert main(["--hf", str(src), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err, err
+
+
+@pytest.mark.parametrize("name, pattern", [("deepseek_v32", "FSFS"), ("glm52", None)])
+def test_export_then_import_is_identical(tmp_path, name, pattern):
+    """--to-hf then --hf: the same params (S layers without indexers) and the same logits; the pattern in
+    config.json as indexer_types and index_topk_pattern, no indexer tensors on S layers."""
+    from ic_jax.convert import hf_export
+    from ic_jax.convert.safetensors_io import Shards
+    from ic_jax.runtime.checkpoint import read_config, read_params
+
+    ckpt = converted(tmp_path, name)
+    hf = tmp_path / "hf"
+    extra = [] if pattern is None else ["--pattern", pattern]
+    assert main(["--to-hf", "--ckpt", str(ckpt), "--out", str(hf), *extra]) == 0
+    want_pattern = pattern or "FFSF"
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["index_topk_pattern"] == want_pattern and "index_topk_freq" not in cfg
+    assert cfg["indexer_types"] == ["full" if c == "F" else "shared" for c in want_pattern]
+    assert "quantization_config" not in cfg
+    names = Shards(hf).names()
+    assert [any(n.startswith(f"model.layers.{i}.self_attn.indexer.") for n in names) for i in range(4)] == \
+        [c == "F" for c in want_pattern]
+    back = tmp_path / "back"
+    assert main(["--hf", str(hf), "--out", str(back), "--quiet"]) == 0  # the exported config says float32
+    assert default_pattern(back) == want_pattern
+    (top_a, layers_a), (top_b, layers_b) = (read_params(c, read_config(c)) for c in (ckpt, back))
+    for i, c in enumerate(want_pattern):
+        if c == "S":
+            assert "indexer" not in layers_b[i]
+            layers_a[i].pop("indexer", None)
+    leaves = [jax.tree_util.tree_leaves_with_path(tree) for tree in ((top_a, layers_a), (top_b, layers_b))]
+    assert len(leaves[0]) == len(leaves[1])
+    for a, b in zip(*leaves):
+        assert a[0] == b[0] and a[1].dtype == b[1].dtype
+        np.testing.assert_array_equal(a[1], b[1])
+    tokens = jnp.asarray([json.loads((FIXTURES / name / "prompt.json").read_text())["tokens"]], jnp.int32)
+    logits = [np.asarray(load_checkpoint(c, want_pattern).forward(tokens).logits) for c in (ckpt, back)]
+    np.testing.assert_array_equal(*logits)

@@ -84,12 +84,14 @@ def run_search(tmp, ckpt, *extra):
                         "--batch", "2", "--seq-len", "32", "--keep", "0.25", "--out", str(tmp / "p.json"), *extra])
 
 
-def test_interrupted_search_resumes_to_the_same_result(model, tmp_path, monkeypatch):
+def test_interrupted_search_resumes_to_the_same_result(model, tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "ck"
     save_checkpoint(ckpt, model)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     assert run_search(tmp_path / "a", ckpt) == 0
+    found = json.loads((tmp_path / "a/p.json").read_text())["pattern"]
+    assert capsys.readouterr().out.splitlines()[-2:] == search.serving_settings(found)
     calls, real = [0], search.greedy_step
 
     def dies(*args):
@@ -107,3 +109,9 @@ def test_interrupted_search_resumes_to_the_same_result(model, tmp_path, monkeypa
     assert a["pattern"] == b["pattern"] and a["trajectory"] == b["trajectory"]
     assert a["pattern"].count("F") == 2 and (tmp_path / "a/p.png").is_file()
     assert search.main(["--ckpt", str(ckpt), "--keep", "1.5"]) == 2
+
+
+def test_serving_settings():
+    assert search.serving_settings("FFSF") == [
+        """vLLM:   --hf-overrides '{"use_index_cache": true, "index_topk_pattern": "FFSF"}'""",
+        """SGLang: --json-model-override-args '{"index_topk_pattern": "FFSF"}'"""]

@@ -1,13 +1,19 @@
-"""python -m ic_jax.convert: a Hugging Face DeepSeek-V3.2 or GLM-5 / GLM-5.2 checkpoint -> an ic_jax checkpoint.
+"""python -m ic_jax.convert: a Hugging Face DeepSeek-V3.2 or GLM-5 / GLM-5.2 checkpoint -> an ic_jax checkpoint,
+and back (--to-hf).
 
 Examples:
   python -m ic_jax.convert --hf ~/models/DeepSeek-V3.2 --out ckpt/v32
   python -m ic_jax.convert --hf ~/models/GLM-5.2 --out ckpt/glm52 --dtype float32
+  python -m ic_jax.convert --to-hf --ckpt ckpt/v32 --out hf/v32-indexcache --pattern @runs/search/keep0.25.json
 
 FP8 weights are dequantized with their 128 x 128 block scales. The schedule the config declares (indexer_types,
 index_topk_pattern, or index_topk_freq + index_skip_topk_offset) becomes the checkpoint's default pattern; layers
 that ship no indexer can only run as S. A stopped conversion continues where it was when run again: converted
 layers wait in a work folder beside --out (.NAME.convert-work), removed once the checkpoint is written.
+
+--to-hf writes safetensors and config.json in the source architecture's layout (see hf_export.py): the pattern
+(default: the checkpoint's) as indexer_types and index_topk_pattern, the S layers without indexer tensors,
+weights unquantized; vLLM and SGLang serve the folder as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from ic_jax.cli import ArgumentParser, entry
+from ic_jax.convert.hf_export import export
 from ic_jax.convert.hf_import import convert
 from ic_jax.errors import UserError
 from ic_jax.files import claim_output_dir
@@ -28,8 +35,12 @@ from ic_jax.runtime.checkpoint import save_checkpoint
 def parse_args(argv):
     p = ArgumentParser(prog="python -m ic_jax.convert", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf", type=Path, required=True, help="Hugging Face model folder (config.json, *.safetensors)")
-    p.add_argument("--out", type=Path, required=True, help="ic_jax checkpoint folder to write")
+    p.add_argument("--hf", type=Path, help="Hugging Face model folder (config.json, *.safetensors) to convert")
+    p.add_argument("--to-hf", action="store_true", help="export --ckpt as a Hugging Face folder instead")
+    p.add_argument("--ckpt", type=Path, help="with --to-hf: the ic_jax checkpoint to export")
+    p.add_argument("--pattern", help="with --to-hf: the pattern to ship (default: the checkpoint's, else all F)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (ic_jax checkpoint, or Hugging Face "
+                                                            "folder with --to-hf)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"],
                    help="parameter dtype (default: float32 for an fp32 checkpoint, else bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
@@ -44,6 +55,12 @@ def work_dir(out: Path) -> Path:
 @entry
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.to_hf:
+        return export_main(args)
+    if args.ckpt is not None or args.pattern is not None:
+        raise UserError("--ckpt and --pattern go with --to-hf; pass --to-hf to export, or --hf alone to convert")
+    if args.hf is None:
+        raise UserError("pass --hf DIR to convert a Hugging Face folder, or --to-hf --ckpt DIR to export one")
     if not (args.hf / "config.json").is_file():
         raise UserError(f"--hf {args.hf} has no config.json; pass a Hugging Face model folder")
     out = claim_output_dir(args.out, "--out", overwrite=args.overwrite)
@@ -53,7 +70,7 @@ def main(argv=None) -> int:
     model = build_model(info.cfg, shipped, layers, top)
     tokenizer = args.hf / "tokenizer.json"
     meta = {"converted_from": str(args.hf.absolute()), "architecture": info.architecture, "notes": notes,
-            "indexers_shipped": shipped}
+            "indexers_shipped": shipped, "hf_config": info.raw}
     save_checkpoint(out, model, pattern=pattern if "S" in pattern else None,
                     tokenizer_file=tokenizer if tokenizer.is_file() else None, meta=meta, overwrite=True)
     shutil.rmtree(work, ignore_errors=True)
@@ -61,6 +78,14 @@ def main(argv=None) -> int:
         print(f"note: {note}")
     print(describe_layout(pattern, [info.cfg.is_moe(i) for i in range(info.cfg.num_hidden_layers)]))
     print(f"wrote {out}")
+    return 0
+
+
+def export_main(args) -> int:
+    if args.hf is not None or args.ckpt is None:
+        raise UserError("--to-hf exports --ckpt DIR (an ic_jax checkpoint); --hf is for the other direction")
+    arch, pattern = export(args.ckpt, args.out, args.pattern, overwrite=args.overwrite)
+    print(f"wrote {args.out} ({arch}, pattern {pattern})")
     return 0
 
 

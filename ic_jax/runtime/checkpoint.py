@@ -105,6 +105,18 @@ def load_checkpoint(path: str | Path, pattern: str | None = None, cfg: ModelConf
     read_meta(path)  # not needed to build the model, but damage there means a damaged copy
     cfg = cfg or saved_cfg
     pattern = parse_pattern(pattern if pattern is not None else default_pattern(path), cfg.num_hidden_layers)
+    top, layers = read_params(path, saved_cfg)
+    if len(layers) != cfg.num_hidden_layers:
+        raise UserError(f"config has {cfg.num_hidden_layers} layers but checkpoint {path} has {len(layers)}; "
+                        f"use the checkpoint's own config")
+    try:
+        return build_model(cfg, pattern, layers, top)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"checkpoint {path} does not match the config: {e}") from None
+
+
+def read_params(path: Path, saved_cfg: ModelConfig) -> tuple[dict, list[dict]]:
+    """(top-level params, per-layer params) as saved: S layers of a converted checkpoint have no "indexer"."""
     tree = restore_tree(path / "params", f"checkpoint {path}", CHECKPOINT_FIX)
     if not isinstance(tree, dict) or not {"top", "layers"} <= tree.keys():
         raise UserError(f"checkpoint {path}: params/ is not an ic_jax parameter tree (no top and layers); "
@@ -115,13 +127,7 @@ def load_checkpoint(path: str | Path, pattern: str | None = None, cfg: ModelConf
     if len(layers) != saved_cfg.num_hidden_layers:
         raise UserError(f"checkpoint {path}: params/ holds {len(layers)} layers but its config.json says "
                         f"{saved_cfg.num_hidden_layers}; {CHECKPOINT_FIX}")
-    if len(layers) != cfg.num_hidden_layers:
-        raise UserError(f"config has {cfg.num_hidden_layers} layers but checkpoint {path} has {len(layers)}; "
-                        f"use the checkpoint's own config")
-    try:
-        return build_model(cfg, pattern, layers, tree["top"])
-    except (ValueError, KeyError) as e:
-        raise UserError(f"checkpoint {path} does not match the config: {e}") from None
+    return tree["top"], layers
 
 
 # ----------------------------------------------------------------------------------------------------------
