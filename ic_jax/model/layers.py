@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 
 from ic_jax.model.config import ModelConfig
 from ic_jax.ops.grouped_matmul import gathered_matmul, grouped_matmul
+from ic_jax.ops.grouped_matmul.sharding import expert_parallel
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stack=(), std: float | None = None,
@@ -152,47 +153,71 @@ class MoE(nnx.Module):
         return experts, weights * cfg.routed_scaling_factor
 
     def __call__(self, x: Float[Array, "... D"], implementation: str = "xla", interpret: bool = False,
-                 stacked: tuple | None = None) -> Float[Array, "... D"]:
+                 stacked: tuple | None = None, mesh=None) -> Float[Array, "... D"]:
         """`stacked` (w_gate, w_up, w_down, layer): inside a scan over stacked layers, the stacks [R, E, ...] and
         this layer's index. The expert kernels then read this layer's weights in place from the stacks (see
-        `ic_jax.ops.grouped_matmul`)."""
+        `ic_jax.ops.grouped_matmul`). With a `mesh`, each device runs its own experts' slices
+        (`ic_jax.ops.grouped_matmul.sharding`)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         experts, weights = self.route(x)
-        k = experts.shape[-1]
         if stacked is None:  # this layer's own weights
             stacked = (self.w_gate[...], self.w_up[...], self.w_down[...], None)
-        matmul = self._gathered if x.shape[0] * k < self.cfg.n_routed_experts else self._grouped
-        y = matmul(x, experts, implementation, interpret, stacked)
-        out = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+        *ws, layer = stacked
+        run = dict(implementation=implementation, interpret=interpret)
+        if mesh is None:
+            own = (self.w_gate[...], self.w_up[...], self.w_down[...])
+            y = routed_ffn(x, experts, weights, ws, layer, 0, own=own, **run)
+        else:
+            y = expert_parallel(mesh, functools.partial(routed_ffn, **run), x, experts, weights, *ws, layer)
+        out = y.astype(x.dtype)
         if self.shared is not None:
             out = out + self.shared(x)
         return out.reshape(shape)
 
-    def _grouped(self, x, experts, implementation, interpret, stacked) -> Float[Array, "N k D"]:
-        """Tokens sorted by expert, one grouped matmul per projection. The layer's own weights go with the stack:
-        an XLA matmul multiplies by them, so that the gradient stays with this layer's (scanned) weights."""
-        *ws, layer = stacked
-        own = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        k = experts.shape[-1]
-        flat = experts.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        sizes = jnp.bincount(flat, length=self.cfg.n_routed_experts).astype(jnp.int32)
-        xs = x[order // k]
-        gmm = functools.partial(grouped_matmul, group_sizes=sizes, layer=layer, implementation=implementation,
-                                interpret=interpret)
-        h = jax.nn.silu(gmm(xs, ws[0], own=own[0])) * gmm(xs, ws[1], own=own[1])
-        ys = gmm(h.astype(x.dtype), ws[2], own=own[2])
-        # back to token order by a gather with the inverse permutation, which XLA runs faster than a scatter
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
-        return ys[inverse].reshape(-1, k, x.shape[-1])
 
-    def _gathered(self, x, experts, implementation, interpret, stacked) -> Float[Array, "N k D"]:
-        """Few routed rows (decode): each row times its chosen expert's weights, read in place."""
-        *ws, layer = stacked
-        n, k = experts.shape
-        rows = jnp.repeat(x, k, axis=0)
-        gm = functools.partial(gathered_matmul, groups=experts.reshape(-1), layer=layer,
-                               implementation=implementation, interpret=interpret)
-        h = jax.nn.silu(gm(rows, ws[0])) * gm(rows, ws[1])
-        return gm(h.astype(x.dtype), ws[2]).reshape(n, k, -1)
+def routed_ffn(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"], ws, layer, first,
+               own=None, implementation: str = "xla", interpret: bool = False) -> Float[Array, "N D"]:
+    """The weighted sum over each token's routed experts, counting only experts first .. first + E - 1, those of
+    the weights `ws` (w_gate, w_up, w_down: [*R, E, ...], all experts or one device's share); float32.
+    With fewer routed rows than experts (decode) each row is multiplied by its expert's weights (`_gathered`),
+    else the rows are sorted by expert (`_grouped`)."""
+    n_local = ws[0].shape[-3]
+    mine = (experts >= first) & (experts < first + n_local)
+    local = jnp.where(mine, experts - first, n_local)  # n_local: no expert of these weights
+    weights = jnp.where(mine, weights, 0.0)
+    run = dict(implementation=implementation, interpret=interpret)
+    if x.shape[0] * experts.shape[-1] < n_local:
+        y = _gathered(x, jnp.minimum(local, n_local - 1), ws, layer, **run)
+    else:
+        y = _grouped(x, local, ws, layer, own, n_local, **run)
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights)
+
+
+def _grouped(x, experts, ws, layer, own, n_experts, implementation, interpret) -> Float[Array, "N k D"]:
+    """Tokens sorted by expert, one grouped matmul per projection; rows of expert `n_experts` (none of these
+    weights) sort last and give 0. The layer's own weights go with the stack: an XLA matmul multiplies by them, so
+    that the gradient stays with this layer's (scanned) weights."""
+    own = own or (None, None, None)
+    k = experts.shape[-1]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)  # drops the rows of no expert
+    xs = x[order // k]
+    gmm = functools.partial(grouped_matmul, group_sizes=sizes, layer=layer, implementation=implementation,
+                            interpret=interpret)
+    h = jax.nn.silu(gmm(xs, ws[0], own=own[0])) * gmm(xs, ws[1], own=own[1])
+    ys = gmm(h.astype(x.dtype), ws[2], own=own[2])
+    # back to token order by a gather with the inverse permutation, which XLA runs faster than a scatter
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype), unique_indices=True)
+    return ys[inverse].reshape(-1, k, x.shape[-1])
+
+
+def _gathered(x, experts, ws, layer, implementation, interpret) -> Float[Array, "N k D"]:
+    """Few routed rows (decode): each row times its chosen expert's weights, read in place."""
+    n, k = experts.shape
+    rows = jnp.repeat(x, k, axis=0)
+    gm = functools.partial(gathered_matmul, groups=experts.reshape(-1), layer=layer, implementation=implementation,
+                           interpret=interpret)
+    h = jax.nn.silu(gm(rows, ws[0])) * gm(rows, ws[1])
+    return gm(h.astype(x.dtype), ws[2]).reshape(n, k, -1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from jax.sharding import Mesh
 
 from ic_jax.ops.dispatch import op_implementation
 
@@ -34,6 +35,7 @@ class RunOptions:
     interpret: bool = False  # run Pallas kernels in interpret mode (CPU)
     index_block: int = 256  # queries per indexer block: logits are [block, Tk] at a time
     remat: bool = False  # rematerialise each layer group in the backward pass
+    mesh: Mesh | None = None  # the device mesh the params and caches lie on: ops then run per shard (inference)
 
     def __post_init__(self):
         if self.mode not in MODES:

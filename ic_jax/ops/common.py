@@ -36,3 +36,21 @@ def tpu_interpret(interpret: bool):
     """interpret=True runs a TPU kernel on CPU in the TPU interpreter, which raises on out-of-bounds reads."""
     return pltpu.InterpretParams(out_of_bounds_reads="raise") if interpret else False
 
+
+def split_axes(mesh, dim: int, *axes: str) -> tuple[str, ...] | None:
+    """The mesh axes among `axes` (in order, each of size > 1) whose product divides `dim`: one array dim split
+    over them, for a PartitionSpec entry; None (the dim stays whole) when none does."""
+    chosen, size = [], 1
+    for axis in axes:
+        n = mesh.shape.get(axis, 1)
+        if n > 1 and dim % (size * n) == 0:
+            chosen.append(axis)
+            size *= n
+    return tuple(chosen) or None
+
+
+def per_shard(fn, mesh, in_specs, out_specs):
+    """`fn` run on each device's shards (`jax.shard_map`, the same API on jax 0.10 and 0.11). Operands are cut by
+    `in_specs` and never gathered whole; Pallas kernels inside see only their shard. The replication check is off:
+    it has no rules for Pallas calls."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)

@@ -60,10 +60,11 @@ class Stats:
 
 class Engine:
     def __init__(self, model: DSAModel, opts: RunOptions = RunOptions(), mesh=None):
-        """With a mesh, the params should already be placed (`sharding.shard_model`); caches follow the batch."""
+        """With a mesh, the params should already be placed (`sharding.shard_model`); caches follow the batch and
+        the ops run per shard (`RunOptions.mesh`)."""
         self.cfg = model.cfg
         self.model = model
-        self.opts = opts
+        self.opts = opts if mesh is None else dataclasses.replace(opts, mesh=mesh)
         self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)
 
