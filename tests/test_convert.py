@@ -150,3 +150,11 @@ def test_export_then_import_is_identical(tmp_path, name, pattern):
     tokens = jnp.asarray([json.loads((FIXTURES / name / "prompt.json").read_text())["tokens"]], jnp.int32)
     logits = [np.asarray(load_checkpoint(c, want_pattern).forward(tokens).logits) for c in (ckpt, back)]
     np.testing.assert_array_equal(*logits)
+
+
+def test_scale_fmt_read_from_the_config():
+    """DeepSeek's quantization_config.scale_fmt "ue8m0" reaches ModelConfig (the FP8 indexer's scales)."""
+    from ic_jax.convert.hf_config import read_hf_config
+
+    assert read_hf_config(FIXTURES / "deepseek_v32").cfg.scale_fmt == "ue8m0"
+    assert read_hf_config(FIXTURES / "glm52").cfg.scale_fmt is None

@@ -561,3 +561,20 @@ def test_fp8_logits_near_bf16_logits():
     top = lambda x: np.argsort(-x[0], -1)[:, :K]
     overlap = np.mean([np.intersect1d(a, b).size / K for a, b in zip(top(bf), top(f8))])
     assert overlap >= 0.9, overlap
+
+
+def test_fp8_ue8m0_scales_hand_computed():
+    """scale_fmt "ue8m0": amax / 448 rounded up to a power of two. [3, -1, 0.5]: 3/448 = 2^-7.22 -> 2^-7, so
+    the e4m3 values are x * 128 = [384, -128, 64], exact; 56/448 = 2^-3 stays; a zero vector keeps scale 1."""
+    x = jnp.asarray([[3.0, -1.0, 0.5, 0.0], [56.0, 7.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]], jnp.float32)
+    x8, scale = quantize_fp8(x, True)
+    np.testing.assert_array_equal(np.asarray(scale), [2.0**-7, 2.0**-3, 1.0])
+    np.testing.assert_array_equal(np.asarray(x8.astype(jnp.float32)), [[384, -128, 64, 0], [448, 56, 0, 8], [0] * 4])
+    np.testing.assert_allclose(float(quantize_fp8(x)[1][0]), 3 / 448, rtol=1e-6)  # exact scales stay the default
+    # the op quantizes q that way too: the logits equal the formula on the hand-quantized inputs
+    q, k, w = x[None, :1, None, :], x[None, :2], jnp.ones((1, 1, 1), jnp.float32)
+    pos, kv_len = jnp.asarray([[1]], jnp.int32), jnp.asarray([2], jnp.int32)
+    got = ops.indexer_logits(q, k, w, pos, kv_len, fp8="ue8m0", implementation="xla")
+    want = [2.0**-7 * 2.0**-7 * 384 * 384 + 2.0**-7 * 2.0**-7 * (-128) * (-128) + 2.0**-7 * 2.0**-7 * 64 * 64,
+            2.0**-7 * 2.0**-3 * (384 * 448 - 128 * 56)]
+    np.testing.assert_allclose(np.asarray(got)[0, 0], want, rtol=1e-6)

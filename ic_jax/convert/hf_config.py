@@ -55,6 +55,7 @@ def read_hf_config(folder: Path, dtype: str | None = None) -> HFCheckpoint:
             kw[key] = d[key]
     kw["rope_theta"], kw["rope_scaling"] = rope_settings(d, path)
     kw["dtype"] = dtype or checkpoint_dtype(d)
+    kw["scale_fmt"] = (d.get("quantization_config") or {}).get("scale_fmt")
     kw.setdefault("n_shared_experts", 0)
     cfg = ModelConfig.from_dict(kw, source=str(path))
     return HFCheckpoint(cfg, arch, schedule(d, cfg.num_hidden_layers, path), quant_block(d, path), d)

@@ -28,7 +28,7 @@ from ic_jax.runtime.checkpoint import default_pattern, read_config, read_meta, r
 
 SHARD_BYTES = 5 * 2**30  # as Hugging Face's save_pretrained default
 MODEL_TYPES = {"DeepseekV32ForCausalLM": "deepseek_v32", "GlmMoeDsaForCausalLM": "glm_moe_dsa"}
-IC_ONLY = ("indexer_rope_interleave", "indexer_hadamard", "indexer_fp8", "rope_interleave", "dtype")
+IC_ONLY = ("indexer_rope_interleave", "indexer_hadamard", "indexer_fp8", "scale_fmt", "rope_interleave", "dtype")
 SCHEDULE_KEYS = ("indexer_types", "index_topk_pattern", "index_topk_freq", "index_skip_topk_offset")
 
 

@@ -60,6 +60,9 @@ class ModelConfig:
     # score keys for top-k selection with FP8 indexer logits (e4m3 q and k, a scale per vector; the Hopper
     # kernel); the indexer's KL loss keeps bf16 logits, since the rounding has no gradient
     indexer_fp8: bool = False
+    # the FP8 scales: None = amax / 448 exactly, "ue8m0" = rounded up to a power of two (DeepSeek's configs,
+    # quantization_config.scale_fmt; its reference quantizes the indexer's activations so too)
+    scale_fmt: str | None = None
     rope_interleave: bool = True
     rope_theta: float = 10000.0
     rope_scaling: tuple | None = None  # sorted (key, value) pairs: the config must stay hashable
@@ -200,6 +203,8 @@ def field_problems(cfg: ModelConfig) -> list[str]:
         problems.append("tie_word_embeddings must be false: the model keeps an lm_head apart from the embedding")
     if cfg.dtype not in ("bfloat16", "float32"):
         problems.append(f"dtype must be bfloat16 or float32, got {shown(cfg.dtype)}")
+    if cfg.scale_fmt not in (None, "ue8m0"):
+        problems.append(f"scale_fmt must be null or \"ue8m0\", got {shown(cfg.scale_fmt)}")
     return problems
 
 

@@ -86,11 +86,11 @@ class Block(nnx.Module):
                 cache["index_k"] = keys
                 q_idx, w_idx = self.indexer.queries(h_i, cq_i, positions)
                 if cfg.indexer_fp8:  # keys are quantized once, as they enter the cache
-                    k8, k_scale = quantize_fp8(jax.lax.stop_gradient(new_keys))
+                    k8, k_scale = quantize_fp8(jax.lax.stop_gradient(new_keys), cfg.scale_fmt == "ue8m0")
                     cache["index_k8"] = write_cache(cache["index_k8"], layer, k8, positions)
                     cache["index_k_scale"] = write_cache(cache["index_k_scale"], layer, k_scale[..., None], positions)
                     selected = select_topk(q_idx, cache["index_k8"], w_idx, positions, kv_len, cfg.index_topk, opts,
-                                           layer, k_scale=cache["index_k_scale"][..., 0])
+                                           layer, k_scale=cache["index_k_scale"][..., 0], scale_fmt=cfg.scale_fmt)
                 else:
                     selected = select_topk(q_idx, keys, w_idx, positions, kv_len, cfg.index_topk, opts, layer)
                 indices = selected if own is None else jnp.where(own, selected, indices)
@@ -107,7 +107,7 @@ class Block(nnx.Module):
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             stacked = None if experts is None else (*experts, layer)
-            x = x + self.ffn(h, opts.implementation, opts.interpret, stacked, opts.mesh)
+            x = x + self.ffn(h, opts.implementation, opts.interpret, stacked)
         else:
             x = x + self.ffn(h)
         return x, cache, indices, aux

@@ -13,10 +13,11 @@ IMPLEMENTATIONS = {"xla": reference.indexer_logits, "pallas_gpu": gpu.indexer_lo
 FP8_IMPLEMENTATIONS = {"xla": reference.indexer_logits_fp8, "pallas_gpu": gpu.indexer_logits_fp8}
 
 
-def indexer_logits(q, k, w, q_pos, kv_len, *, fp8: bool = False, k_scale=None, layer=None,
+def indexer_logits(q, k, w, q_pos, kv_len, *, fp8: bool | str = False, k_scale=None, layer=None,
                    implementation: str | None = None, interpret: bool = False):
     """See `reference.indexer_logits` for the contract; `implementation` picks the kernel. `fp8` quantizes q and k
-    to e4m3 with a scale per vector (`reference.indexer_logits_fp8`): for top-k selection only, since the
+    to e4m3 with a scale per vector (`reference.indexer_logits_fp8`; fp8="ue8m0": power-of-two scales, as
+    DeepSeek's `scale_fmt`): for top-k selection only, since the
     rounding has no useful gradient (differentiating it raises). With `k_scale` [B, Tk] (and fp8), k is already
     e4m3, as an FP8 key cache holds it, and only q is quantized. With `layer` (an int, traced or not), k is a
     stacked cache [L, B, Tk, D] (k_scale [L, B, Tk]) and k[layer] is scored: the GPU kernel reads it in place,
@@ -25,7 +26,7 @@ def indexer_logits(q, k, w, q_pos, kv_len, *, fp8: bool = False, k_scale=None, l
     return dispatch.call(op, table, args, implementation=implementation, interpret=interpret, layer=layer)
 
 
-def indexer_logits_and_maxima(q, k, w, q_pos, kv_len, block_max: int, *, fp8: bool = False, k_scale=None,
+def indexer_logits_and_maxima(q, k, w, q_pos, kv_len, block_max: int, *, fp8: bool | str = False, k_scale=None,
                               layer=None, implementation: str | None = None, interpret: bool = False):
     """(`indexer_logits(...)`, `reference.block_maxima(logits, block_max)`): the maxima of each `block_max`-long
     run of keys per query, the seed of the GPU top-k. The GPU kernel writes them with the logits, the others
@@ -43,10 +44,13 @@ def indexer_logits_and_maxima(q, k, w, q_pos, kv_len, block_max: int, *, fp8: bo
     return dispatch.call(op, table, args, implementation=implementation, interpret=interpret, layer=layer)
 
 
-def _variant(q, k, w, q_pos, kv_len, fp8: bool, k_scale):
+def _variant(q, k, w, q_pos, kv_len, fp8: bool | str, k_scale):
     """(op name, implementations, arguments) of the bf16 or the FP8 logits."""
     if not fp8:
         if k_scale is not None:
             raise ValueError("indexer_logits: k_scale is for pre-quantized keys; pass fp8=True with it")
         return "indexer_logits", IMPLEMENTATIONS, (q, k, w, q_pos, kv_len)
-    return "indexer_logits_fp8", FP8_IMPLEMENTATIONS, (q, k, w, q_pos, kv_len, k_scale)
+    if fp8 not in (True, "ue8m0"):
+        raise ValueError(f"indexer_logits: fp8 is False, True or 'ue8m0', got {fp8!r}")
+    table = {name: functools.partial(fn, pow2=fp8 == "ue8m0") for name, fn in FP8_IMPLEMENTATIONS.items()}
+    return "indexer_logits_fp8", table, (q, k, w, q_pos, kv_len, k_scale)

@@ -189,7 +189,7 @@ def indexer_logits(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, block_ma
     return out, block_maxima(out, block_max)
 
 
-def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, **kwargs):
+def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, pow2: bool = False, **kwargs):
     """Same contract as `reference.indexer_logits_fp8`; `kwargs` as for `indexer_logits`. Pre-quantized stacked
     keys are read in place; keys quantized here are the layer's only."""
     if q.shape[-1] % 32:
@@ -197,5 +197,5 @@ def indexer_logits_fp8(q, k, w, q_pos, kv_len, k_scale=None, *, layer=None, **kw
                                   f"got {q.shape[-1]}")
     if k_scale is None:
         k, layer = layer_slice(k, layer), None
-    q8, k8, wq, k_scale = fp8_inputs(q, k, w, k_scale)
+    q8, k8, wq, k_scale = fp8_inputs(q, k, w, k_scale, pow2=pow2)
     return indexer_logits(q8, k8, wq, q_pos, kv_len, k_scale, layer=layer, **kwargs)
