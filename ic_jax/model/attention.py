@@ -15,6 +15,8 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from ic_jax import ops
+from ic_jax.ops.indexer_topk.sharding import indexer_topk_sharded
+from ic_jax.ops.sparse_mla.sharding import sparse_mla_sharded
 from ic_jax.model.config import ModelConfig
 from ic_jax.model.layers import LayerNorm, RMSNorm, apply_rope, dtype_of, hadamard, param, rope_inv_freq
 from ic_jax.model.run_options import RunOptions
@@ -96,19 +98,25 @@ def select_topk(q: Float[Array, "B T H D"], keys: Float[Array, "L B S D"], w: Fl
                 q_pos: Int[Array, "B T"], kv_len: Int[Array, "B"], topk: int, opts: RunOptions, layer,
                 k_scale: Float[Array, "L B S"] | None = None, scale_fmt: str | None = None) -> Int[Array, "B T K"]:
     """Top-k key indices per query (-1 padded) over layer `layer` of the stacked key cache, read in place
-    (`ops.indexer_topk`), `opts.index_block` queries at a time. With `k_scale` the keys are e4m3 (an FP8 key
-    cache) and the logits FP8, q scaled as `scale_fmt` says."""
+    (`ops.indexer_topk`), `opts.index_block` queries at a time, per shard of `opts.mesh` when there is one.
+    With `k_scale` the keys are e4m3 (an FP8 key cache) and the logits FP8, q scaled as `scale_fmt` says."""
     fp8 = (scale_fmt or True) if k_scale is not None else False  # True: exact amax / 448 scales
-    return ops.indexer_topk(q, keys, w, q_pos, kv_len, topk, fp8=fp8, k_scale=k_scale, layer=layer,
-                            block_q=opts.index_block, implementation=opts.implementation, interpret=opts.interpret)
+    args = (q, keys, w, q_pos, kv_len, topk)
+    kw = dict(fp8=fp8, k_scale=k_scale, layer=layer, block_q=opts.index_block,
+              implementation=opts.implementation, interpret=opts.interpret)
+    if opts.mesh is not None:
+        return indexer_topk_sharded(opts.mesh, *args, **kw)
+    return ops.indexer_topk(*args, **kw)
 
 
 def sparse_attention(q_lat: Float[Array, "B T H C"], q_rope: Float[Array, "B T H R"],
                      kv: Float[Array, "L B S C"], k_rope: Float[Array, "L B S R"], layer,
                      indices: Int[Array, "B T K"], cfg: ModelConfig, opts: RunOptions) -> Float[Array, "B T H C"]:
-    """Sparse MLA of layer `layer` of the stacked cache, read in place (`ops.sparse_mla`)."""
-    o, _ = ops.sparse_mla(q_lat, q_rope, kv, k_rope, indices, cfg.softmax_scale, layer=layer,
-                          implementation=opts.implementation, interpret=opts.interpret)
+    """Sparse MLA of layer `layer` of the stacked cache, read in place (`ops.sparse_mla`), per shard of
+    `opts.mesh` when there is one."""
+    args = (q_lat, q_rope, kv, k_rope, indices, cfg.softmax_scale)
+    kw = dict(layer=layer, implementation=opts.implementation, interpret=opts.interpret)
+    o, _ = sparse_mla_sharded(opts.mesh, *args, **kw) if opts.mesh is not None else ops.sparse_mla(*args, **kw)
     return o
 
 

@@ -107,7 +107,7 @@ class Block(nnx.Module):
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
             stacked = None if experts is None else (*experts, layer)
-            x = x + self.ffn(h, opts.implementation, opts.interpret, stacked)
+            x = x + self.ffn(h, opts.implementation, opts.interpret, stacked, opts.mesh)
         else:
             x = x + self.ffn(h)
         return x, cache, indices, aux
