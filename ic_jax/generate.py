@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from ic_jax.model.run_options import RunOptions
 from ic_jax.package_data import DEFAULT_CKPT
 from ic_jax.runtime.checkpoint import load_checkpoint
 from ic_jax.runtime.engine import Engine
+from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
 from ic_jax.runtime.sharding import init_distributed, make_mesh, parse_mesh, shard_model
 from ic_jax.runtime.tokenizer import load_tokenizer
@@ -62,7 +64,11 @@ def parse_args(argv):
     par.add_argument("--mesh", default="", help="device mesh as axis=size over data,tensor,expert (e.g. "
                      "data=2,tensor=4); params are sharded by their logical axes. Default: no sharding")
     par.add_argument("--distributed", action="store_true",
-                     help="multi-host: call jax.distributed.initialize() first (one process per host)")
+                     help="multi-host: join a job first (one process per host; only process 0 prints)")
+    par.add_argument("--coordinator", help="with --distributed: HOST:PORT of process 0 (default: "
+                                          "JAX_COORDINATOR_ADDRESS, or detected under SLURM / on a TPU pod)")
+    par.add_argument("--num-processes", type=positive_int, help="with --distributed: processes in the job")
+    par.add_argument("--process-id", type=nonneg_int, help="with --distributed: this process's rank")
     inp = p.add_argument_group("prompt (several --prompt/--prompt-file make a batch; stdin when none)")
     inp.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     inp.add_argument("--prompt-file", action="append", default=[], type=Path, help="file whose text is one prompt")
@@ -119,7 +125,9 @@ def load_model(a) -> tuple[DSAModel, Path | None]:
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.distributed:
-        init_distributed()
+        init_distributed(a.coordinator, a.num_processes, a.process_id)
+        if jax.process_index() != 0:  # every process runs the same program; one prints it
+            sys.stdout = open(os.devnull, "w")
     opts = RunOptions.for_impl(a.impl)
     mesh_sizes = parse_mesh(a.mesh) if a.mesh else None
     prompts = read_prompts(a)
@@ -137,6 +145,8 @@ def main(argv=None) -> int:
     if mesh_sizes:
         mesh = make_mesh(mesh_sizes)
         shard_model(model, mesh)
+    check_fits(model, mesh, len(ids), longest + a.max_new_tokens, a.chunk_size or longest, opts,
+               "lower --chunk-size, --max-new-tokens or the number of prompts, or shard over more devices (--mesh)")
     engine = Engine(model, opts, mesh)
     n_full = model.pattern.count("F")
     if a.layout and not a.json:

@@ -85,3 +85,15 @@ def test_bad_input_is_one_line(args, names):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert names in lines[0], lines[0]
+
+
+def test_generate_that_cannot_fit_ends_with_one_line_before_allocating(monkeypatch, capsys):
+    from ic_jax import generate
+    from ic_jax.runtime import engine, memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1000)  # bytes: less than any cache
+    monkeypatch.setattr(engine.Engine, "new_cache", lambda *a: pytest.fail("the cache was allocated"))
+    rc = generate.main(["--config", "tiny", "--init", "random", "--prompt", "hello", "--max-new-tokens", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "GiB per device" in err[0] and "free" in err[0] and "--chunk-size" in err[0], err[0]

@@ -28,6 +28,7 @@ from ic_jax.model.dsa import DSAModel
 from ic_jax.model.pattern import parse_pattern
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.engine import Engine, decode_step, prefill_chunk
+from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
 
 PAPER = {  # context -> (prefill all-F s, prefill 1/4 s, decode all-F tok/s, decode 1/4 tok/s), SGLang on H100
@@ -73,6 +74,7 @@ def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, ba
         chunk = min(a.chunk_size, ctx)
         # compile on the first chunk, so the timed prefill below is all execution
         t = time.perf_counter()
+        check_fits(engine.model, None, a.batch, max_len, chunk, opts, "lower --batch, --chunk-size or --contexts")
         cache = engine.new_cache(a.batch, max_len)
         first = jnp.asarray([p[:chunk] for p in prompts], jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), first.shape)

@@ -33,6 +33,7 @@ from ic_jax.files import atomic_write_text, check_output_file
 from ic_jax.model.pattern import parse_pattern
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.engine import Engine, decode_step, prefill_chunk
+from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
 
 PROFILED_STEPS = 3
@@ -92,6 +93,7 @@ def time_pattern(cfg, spec: str, a, opts: RunOptions) -> dict:
     pattern = parse_pattern(spec, cfg.num_hidden_layers)
     t = time.perf_counter()
     engine = Engine(random_model(cfg, pattern, a.seed), opts)
+    check_fits(engine.model, None, a.batch, cache_length(a), a.chunk, opts, "lower --batch, --context or --chunk")
     cache = random_cache(engine.new_cache(a.batch, cache_length(a)), a.seed)
     jax.block_until_ready(cache)
     setup_s = time.perf_counter() - t

@@ -184,3 +184,21 @@ def largest(fits, low: int, high: int) -> int:
         mid = (low + high + 1) // 2
         low, high = (mid, high) if fits(mid) else (low, mid - 1)
     return low
+
+
+def check_fits(model: DSAModel, mesh: Mesh | None, batch: int, context: int, chunk: int, opts: RunOptions,
+               fix: str) -> None:
+    """Before the caches are made (the params already placed): the caches and, on an accelerator, the temporaries
+    of the prefill chunk and the decode step (compiled ahead of time) against what the first device has free.
+    Work that cannot fit ends here with one line, instead of an allocator failure mid-run."""
+    device = jax.local_devices()[0]
+    free = free_bytes(device)
+    if free is None:
+        return
+    caches = shard_bytes(abstract_cache(model, batch, context, mesh))
+    temps = max(compiled_temps(model, mesh, batch, context, min(chunk, context), opts)) if device.platform != "cpu" \
+        else 0
+    if caches + temps > free:
+        raise UserError(f"batch {batch} x {context} tokens needs {(caches + temps) / GIB:.1f} GiB per device "
+                        f"({caches / GIB:.1f} GiB caches + {temps / GIB:.1f} GiB temporaries) but "
+                        f"{free / GIB:.1f} GiB is free on {device.platform}; {fix}")

@@ -92,12 +92,15 @@ def cache_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, rules["batch"], None, None))
 
 
-def init_distributed() -> None:
-    """Joins a multi-host job (coordinator and process ids from the environment, as jax reads them)."""
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """Joins a multi-host job, one process per host. What is not given here jax reads from the environment
+    (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or detects (SLURM, TPU pod slices)."""
     try:
-        jax.distributed.initialize()
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
     except (ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--distributed could not join a job ({reason}); set JAX_COORDINATOR_ADDRESS, "
-                        f"JAX_NUM_PROCESSES and JAX_PROCESS_ID (or run under SLURM / on a TPU pod), or drop "
-                        f"--distributed") from None
+        raise UserError(f"--distributed could not join a job ({reason}); pass --coordinator HOST:PORT, "
+                        f"--num-processes and --process-id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                        f"JAX_PROCESS_ID, or run under SLURM / on a TPU pod), or drop --distributed") from None
