@@ -40,7 +40,7 @@ from ic_jax.runtime.checkpoint import load_checkpoint
 from ic_jax.runtime.engine import Engine
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
-from ic_jax.runtime.sharding import init_distributed, make_mesh, parse_mesh, shard_model
+from ic_jax.runtime.sharding import init_distributed, init_sharded, make_mesh, parse_mesh, shard_model
 from ic_jax.runtime.tokenizer import load_tokenizer
 
 PATTERN_HELP = """IndexCache pattern, one of: an F/S string per layer (FSFSSS...); a shorter motif repeated
@@ -110,11 +110,16 @@ def read_prompts(a) -> list[str]:
     return prompts
 
 
-def load_model(a) -> tuple[DSAModel, Path | None]:
+def load_model(a, mesh=None) -> tuple[DSAModel, Path | None]:
+    """The model and its checkpoint folder; random params are born sharded on `mesh`."""
     if a.init:
         cfg = load_config(a.config)
         pattern = parse_pattern(a.pattern, cfg.num_hidden_layers)
-        return DSAModel(cfg, pattern, nnx.Rngs(a.seed)), None
+
+        def build():
+            return DSAModel(cfg, pattern, nnx.Rngs(a.seed))
+
+        return (build() if mesh is None else init_sharded(build, mesh)), None
     ckpt = a.ckpt or DEFAULT_CKPT
     if a.ckpt is None and not DEFAULT_CKPT.is_dir():
         raise UserError(f"no embedded model at {DEFAULT_CKPT}; pass --ckpt DIR or --config tiny --init random")
@@ -131,7 +136,8 @@ def main(argv=None) -> int:
     opts = RunOptions.for_impl(a.impl)
     mesh_sizes = parse_mesh(a.mesh) if a.mesh else None
     prompts = read_prompts(a)
-    model, ckpt = load_model(a)
+    mesh = make_mesh(mesh_sizes) if mesh_sizes else None
+    model, ckpt = load_model(a, mesh)
     cfg = model.cfg
     tok = load_tokenizer(ckpt)
     if tok.vocab_size > cfg.vocab_size:
@@ -141,9 +147,7 @@ def main(argv=None) -> int:
     if longest + a.max_new_tokens > cfg.max_position_embeddings:
         raise UserError(f"prompt of {longest} tokens + {a.max_new_tokens} new tokens exceeds max_position_embeddings "
                         f"= {cfg.max_position_embeddings}; shorten the prompt or lower --max-new-tokens")
-    mesh = None
-    if mesh_sizes:
-        mesh = make_mesh(mesh_sizes)
+    if mesh is not None:
         shard_model(model, mesh)
     check_fits(model, mesh, len(ids), longest + a.max_new_tokens, a.chunk_size or longest, opts,
                "lower --chunk-size, --max-new-tokens or the number of prompts, or shard over more devices (--mesh)")

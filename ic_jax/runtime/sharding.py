@@ -7,6 +7,8 @@ model), for one host or many (`jax.distributed.initialize()` first, see `init_di
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import numpy as np
 from flax import nnx
@@ -85,6 +87,21 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=RULES) -> nnx.Module:
     nnx.update(model, jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s)), state, shardings,
                                    is_leaf=is_variable))
     return model
+
+
+def init_sharded(build: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nnx.Module:
+    """The module `build()` makes, born sharded: built under `jax.jit` with each parameter's sharding as its output
+    sharding, so that every device computes and holds only its own shards. (The values are not bit-equal to an
+    eager unsharded build's: compiled and eager random initialisers may round differently.)"""
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+
+    def sharding(v):
+        axes = getattr(v, "logical_axes", None)
+        return NamedSharding(mesh, spec_for(axes, v.get_value().shape, mesh, rules) if axes else PartitionSpec())
+
+    shardings = jax.tree.map(sharding, abstract, is_leaf=is_variable)
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
 
 
 def cache_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
