@@ -85,7 +85,8 @@ def claim_output_dir(path: str | Path, flag: str, *, settings: dict | None = Non
     if next(path.iterdir(), None) is None:
         return path
     files = sum(len(names) for _, _, names in os.walk(path))
-    raise UserError(f"{flag} {path} exists and is not a checkpoint of this run (it holds {files} files); "
+    holds = f"{files} file" + ("" if files == 1 else "s")
+    raise UserError(f"{flag} {path} exists and is not a checkpoint of this run (it holds {holds}); "
                     f"choose another {flag} or pass --overwrite to replace it")
 
 

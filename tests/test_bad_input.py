@@ -90,7 +90,8 @@ def snapshot(folder: Path) -> dict:
 
 
 def run_main(command: str, argv: list[str], capsys) -> tuple[int, str]:
-    module = importlib.import_module(f"ic_jax.{command}" if command != "bench" else "ic_jax.bench.__main__")
+    package_commands = ("bench", "convert")  # python -m runs their __main__
+    module = importlib.import_module(f"ic_jax.{command}" + (".__main__" if command in package_commands else ""))
     rc = module.main(argv)
     return rc, capsys.readouterr().err
 
@@ -172,6 +173,14 @@ CASES = [
     ("bench", ["e2e", "--config", "tiny", "--contexts", "100", "--seed", "-1"], "--seed"),
     ("bench", ["sweep", "--tk", "abc"], "--tk"),
     ("bench", ["kernels", "--sizes", "8k,x"], "--sizes"),
+    # convert and plan
+    ("convert", ["--hf", "nowhere", "--out", "x"], "--hf nowhere"),
+    ("convert", ["--hf", "ckpt", "--out", "x"], "architecture"),
+    ("convert", ["--to-hf", "--ckpt", "ckpt", "--out", "proj"], "--out proj"),
+    ("convert", ["--to-hf", "--ckpt", dmg("missing manifest"), "--out", "x"], dmg("missing manifest")),
+    ("plan", ["--config", "tiny", "--mesh", "tensor=x"], "--mesh"),
+    ("plan", ["--config", "tiny", "--context", "0"], "--context"),
+    ("plan", ["--config", "bad_index_topk.json"], "index_topk"),
 ]
 
 
