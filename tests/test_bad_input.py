@@ -136,6 +136,7 @@ CASES = [
     ("overlap", [*CKPT, "--seq-len", "100000"], "--seq-len"),
     ("train", ["--config", "tiny", *TRAIN[:-4], "--seq-len", "100000", "--batch", "2"], "--seq-len"),
     ("train", ["--config", "tiny", *TRAIN[:-4], "--seq-len", "64", "--batch", "2"], "--seq-len"),
+    ("train", ["--config", "tiny", *TRAIN[:-4], "--seq-len", "4096", "--batch", "64"], "--batch"),  # terabytes
     ("generate", ["--config", "tiny", "--init", "random", "--prompt", "x", "--max-new-tokens", "5000"],
      "max_position_embeddings"),
     # output paths checked before the work

@@ -16,6 +16,7 @@ long after the error has been handled.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -209,7 +210,11 @@ class StateStore:
         if foreign:
             claim_output_dir(self.path, "state folder", overwrite=True)  # never the current or home folder
             remove_path(self.path)
-        self.mngr = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+    @functools.cached_property
+    def mngr(self) -> ocp.CheckpointManager:
+        """Made on first use, so that a run refused before its first step leaves no folder behind."""
+        return ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(max_to_keep=2))
 
     def restore(self, template):
         """(step, tree, history) of the newest readable save, or (0, template, []) when there is none."""
