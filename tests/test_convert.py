@@ -118,7 +118,6 @@ def test_bad_checkpoints_one_line(tmp_path, capsys, edit, message):
 def test_export_then_import_is_identical(tmp_path, name, pattern):
     """--to-hf then --hf: the same params (S layers without indexers) and the same logits; the pattern in
     config.json as indexer_types and index_topk_pattern, no indexer tensors on S layers."""
-    from ic_jax.convert import hf_export
     from ic_jax.convert.safetensors_io import Shards
     from ic_jax.runtime.checkpoint import read_config, read_params
 
