@@ -47,7 +47,7 @@ def compile_within_memory(fn, args: tuple, what: str, fix: str):
     """`fn` (a jax.jit function) compiled for `args`, after checking its peak memory against what is free.
     Arguments already on the device count as free there, since they are part of what the call needs."""
     compiled = fn.lower(*args).compile()
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # in a multi-host job the first global device may be another host's
     free = free_bytes(device)
     if free is not None:
         resident = sum(x.nbytes for x in jax.tree.leaves(args) if isinstance(x, jax.Array))
