@@ -15,14 +15,6 @@ from ic_jax.bench import e2e, grouped_matmul, kernels, roofline, step, sweep
 from ic_jax.cli import parse_size, size_list
 
 
-def exit_code(main, args) -> int:
-    """main's return value, or the code of the SystemExit that argparse raises for a bad flag."""
-    try:
-        return main(args)
-    except SystemExit as e:
-        return e.code
-
-
 @pytest.mark.parametrize("text, value", [
     ("200k", 200_000), ("200K", 200_000), ("128Ki", 131_072), ("8ki", 8_192), ("1.5M", 1_500_000),
     ("2Mi", 2_097_152), ("4096", 4_096), ("1.5k", 1_500), ("1", 1),
@@ -58,7 +50,7 @@ def test_bench_defaults_keep_their_measured_shapes():
     (["--ops", "indexer,attn"], "choose from"),
 ])
 def test_bench_sweep_bad_input_is_one_line_exit_2(args, message, capsys):
-    assert exit_code(sweep.main, args) == 2
+    assert sweep.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 
@@ -85,7 +77,7 @@ TINY = ["--config", "tiny"]
 ])
 def test_bench_bad_flag_is_one_line_exit_2_naming_it(command, args, message, capsys):
     t = time.perf_counter()
-    assert exit_code(command.main, args) == 2
+    assert command.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert time.perf_counter() - t < 20  # refused before any model is built or timed
@@ -98,7 +90,7 @@ def test_bench_json_that_is_a_folder_is_refused_first(tmp_path, command, args, c
     """Before the GPU check and any work: the folder is left as it was."""
     (tmp_path / "keep.txt").write_text("mine")
     t = time.perf_counter()
-    assert exit_code(command.main, [*args, "--json", str(tmp_path)]) == 2
+    assert command.main([*args, "--json", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--json" in err and str(tmp_path) in err and len(err.strip().splitlines()) == 1
     assert time.perf_counter() - t < 20
@@ -204,6 +196,6 @@ def test_bench_step_profile_counts_a_known_program():
     (["--context", "100", "--chunk", "0"], "must be >= 1"),
 ])
 def test_bench_step_bad_input_is_one_line_exit_2(args, message, capsys):
-    assert exit_code(step.main, ["--config", "tiny", *args]) == 2
+    assert step.main(["--config", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
