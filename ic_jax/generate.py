@@ -17,7 +17,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from ic_jax.cli import (
     ArgumentParser,
@@ -31,16 +30,14 @@ from ic_jax.cli import (
 )
 from ic_jax.errors import UserError
 from ic_jax.files import read_stdin, read_text
-from ic_jax.model.config import load_config
-from ic_jax.model.dsa import DSAModel, moe_layers
-from ic_jax.model.pattern import describe_layout, parse_pattern
+from ic_jax.model.dsa import moe_layers
+from ic_jax.model.pattern import describe_layout
 from ic_jax.model.run_options import RunOptions
-from ic_jax.package_data import DEFAULT_CKPT
-from ic_jax.runtime.checkpoint import load_checkpoint
 from ic_jax.runtime.engine import Engine
+from ic_jax.runtime.loading import load_model
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
-from ic_jax.runtime.sharding import init_distributed, init_sharded, make_mesh, parse_mesh, shard_model
+from ic_jax.runtime.sharding import init_distributed, make_mesh, parse_mesh, shard_model
 from ic_jax.runtime.tokenizer import load_tokenizer
 
 PATTERN_HELP = """IndexCache pattern, one of: an F/S string per layer (FSFSSS...); a shorter motif repeated
@@ -108,23 +105,6 @@ def read_prompts(a) -> list[str]:
     if any(not p for p in prompts):
         raise UserError("a prompt is empty; give at least one character")
     return prompts
-
-
-def load_model(a, mesh=None) -> tuple[DSAModel, Path | None]:
-    """The model and its checkpoint folder; random params are born sharded on `mesh`."""
-    if a.init:
-        cfg = load_config(a.config)
-        pattern = parse_pattern(a.pattern, cfg.num_hidden_layers)
-
-        def build():
-            return DSAModel(cfg, pattern, nnx.Rngs(a.seed))
-
-        return (build() if mesh is None else init_sharded(build, mesh)), None
-    ckpt = a.ckpt or DEFAULT_CKPT
-    if a.ckpt is None and not DEFAULT_CKPT.is_dir():
-        raise UserError(f"no embedded model at {DEFAULT_CKPT}; pass --ckpt DIR or --config tiny --init random")
-    cfg = load_config(a.config) if a.config else None
-    return load_checkpoint(ckpt, a.pattern, cfg), ckpt
 
 
 def main(argv=None) -> int:

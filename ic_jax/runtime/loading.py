@@ -1,0 +1,34 @@
+"""Where a command's model comes from: a checkpoint folder (the embedded model by default) or random weights of a
+config, as the model flags of `generate` and `jobs` say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flax import nnx
+
+from ic_jax.errors import UserError
+from ic_jax.model.config import load_config
+from ic_jax.model.dsa import DSAModel
+from ic_jax.model.pattern import parse_pattern
+from ic_jax.package_data import DEFAULT_CKPT
+from ic_jax.runtime.checkpoint import load_checkpoint
+from ic_jax.runtime.sharding import init_sharded
+
+
+def load_model(a, mesh=None) -> tuple[DSAModel, Path | None]:
+    """The model and its checkpoint folder (flags --ckpt, --config, --init, --pattern, --seed); random params are
+    born sharded on `mesh`."""
+    if a.init:
+        cfg = load_config(a.config)
+        pattern = parse_pattern(a.pattern, cfg.num_hidden_layers)
+
+        def build():
+            return DSAModel(cfg, pattern, nnx.Rngs(a.seed))
+
+        return (build() if mesh is None else init_sharded(build, mesh)), None
+    ckpt = a.ckpt or DEFAULT_CKPT
+    if a.ckpt is None and not DEFAULT_CKPT.is_dir():
+        raise UserError(f"no embedded model at {DEFAULT_CKPT}; pass --ckpt DIR or --config tiny --init random")
+    cfg = load_config(a.config) if a.config else None
+    return load_checkpoint(ckpt, a.pattern, cfg), ckpt
