@@ -1,22 +1,23 @@
-"""PNG plots for the analysis commands (matplotlib, headless)."""
+"""PNG plots for the analysis commands (matplotlib, headless).
+
+Figures are made without pyplot, so no backend is chosen here: a notebook that imports the commands keeps its own
+(inline) backend, and saving a PNG needs no display."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 
 def overlap_heatmap(matrix: np.ndarray, path: Path, title: str, pattern: str | None = None) -> None:
     """The layer x layer overlap; with a pattern, each F layer's group (it and its S layers) is boxed
     and the axis labels carry F/S."""
     n = len(matrix)
-    fig, ax = plt.subplots(figsize=(6 + n / 8, 5 + n / 8))
+    fig = Figure(figsize=(6 + n / 8, 5 + n / 8))
+    ax = fig.subplots()
     im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
     fig.colorbar(im, ax=ax, label="|T_i ∩ T_j| / k")
     labels = [f"{i}{pattern[i] if pattern else ''}" for i in range(n)]
@@ -32,13 +33,13 @@ def overlap_heatmap(matrix: np.ndarray, path: Path, title: str, pattern: str | N
     ax.set_ylabel("layer i")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def curves(series: dict[str, tuple[list, list]], path: Path, title: str, xlabel: str, ylabel: str,
            hline: float | None = None, logy: bool = False) -> None:
     """One line per named (x, y) series; an optional dashed reference level; optionally a log y axis."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for name, (x, y) in series.items():
         ax.plot(x, y, marker="o", markersize=3, label=name)
     if hline is not None:
@@ -52,14 +53,14 @@ def curves(series: dict[str, tuple[list, list]], path: Path, title: str, xlabel:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def roofline(points: list[dict], matmul_tflops: float, copy_tbs: float, gather_tbs: list[float], path: Path,
              title: str) -> None:
     """Log-log roofline: points (group, tk, intensity in FLOP/byte, tflops) under min(matmul, bandwidth x
     intensity) for the copy bandwidth (solid) and each gather rate (dashed); marker size grows with Tk."""
-    fig, ax = plt.subplots(figsize=(10.5, 5.5))
+    fig = Figure(figsize=(10.5, 5.5))
+    ax = fig.subplots()
     x = np.logspace(0.5, 4, 300)
     ax.plot(x, np.minimum(matmul_tflops, copy_tbs * x), color="black", linewidth=1.3,
             label=f"copy {copy_tbs:.2f} TB/s, bf16 matmul {matmul_tflops:.0f} TFLOP/s")
@@ -84,4 +85,3 @@ def roofline(points: list[dict], matmul_tflops: float, copy_tbs: float, gather_t
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
