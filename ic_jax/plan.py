@@ -5,6 +5,8 @@ nothing allocated) on fake CPU devices shaped like the mesh: the command re-runs
 XLA_FLAGS=--xla_force_host_platform_device_count=N. It reports per-device bytes for params and caches (exact, from
 the shapes and shardings), the temporaries XLA reserves for each program, and the largest batch at --context and
 the longest context at --batch that fit one device (temporaries scaled in proportion to batch x context).
+With --backend local the programs are compiled for this machine's own devices instead (still nothing allocated):
+on a GPU host that gives the GPU compiler's temporaries for the GPU kernels, to check a plan against a measured peak.
 
 Examples:
   python -m ic_jax.plan --config deepseek_v32 --mesh tensor=8 --context 128k --batch 4 --device h200
@@ -14,6 +16,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +50,9 @@ def parse_args(argv):
     p.add_argument("--impl", choices=sorted(IMPLS), default="xla",
                    help="op implementation compiled: xla (the jnp references) or pallas (the GPU kernels, compiled "
                         "in interpret mode on CPU); default xla")
+    p.add_argument("--backend", choices=("cpu", "local"), default="cpu",
+                   help="compile for fake CPU devices shaped like the mesh (cpu, default: runs anywhere) or for this "
+                        "machine's own devices (local: needs as many as the mesh; the real compiler's temporaries)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p.parse_args(argv)
 
@@ -74,9 +80,16 @@ def plan(a) -> dict:
 
     cfg, pattern = checked(a)
     sizes = parse_mesh(a.mesh)
+    if len(jax.devices()) < math.prod(sizes.values()):
+        raise UserError(f"--mesh {a.mesh} needs {math.prod(sizes.values())} devices but this machine has "
+                        f"{len(jax.devices())}; drop --backend local to plan on fake CPU devices")
     mesh = make_mesh(sizes, jax.devices()[: math.prod(sizes.values())])
-    implementation, interpret = IMPLS[a.impl]
-    opts = RunOptions(implementation=implementation, interpret=interpret, index_block=min(2048, a.chunk_size))
+    if a.backend == "local":
+        opts = RunOptions.for_impl("auto" if a.impl == "pallas" else a.impl)
+        opts = dataclasses.replace(opts, index_block=min(opts.index_block, a.chunk_size))
+    else:
+        implementation, interpret = IMPLS[a.impl]
+        opts = RunOptions(implementation=implementation, interpret=interpret, index_block=min(2048, a.chunk_size))
     model = abstract_model(cfg, pattern)
     t0 = time.perf_counter()
     p = make_plan(model, mesh, a.batch, a.context, a.chunk_size, opts)
@@ -88,7 +101,7 @@ def plan(a) -> dict:
             "prefill_temp_bytes": p.prefill_temp, "decode_temp_bytes": p.decode_temp, "total_bytes": p.total,
             "fits": p.total <= capacity, "max_batch": max_batch(p, model, mesh, capacity),
             "max_context": max_context(p, model, mesh, capacity), "compile_s": round(compile_s, 1),
-            "jax": jax.__version__}
+            "backend": a.backend, "compiled_for": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
 def table(r: dict) -> str:
@@ -98,7 +111,7 @@ def table(r: dict) -> str:
             ("prefill chunk temporaries", r["prefill_temp_bytes"]), ("decode step temporaries", r["decode_temp_bytes"]),
             ("total (params + caches + larger temporaries)", r["total_bytes"])]
     lines = [f"{r['config']} on {r['devices']} x {r['device']} ({mesh}), batch {r['batch']} x context {r['context']}, "
-             f"chunk {r['chunk']}, impl {r['impl']}: per device"]
+             f"chunk {r['chunk']}, impl {r['impl']}, compiled for {r['compiled_for']}: per device"]
     lines += [f"  {name:<46} {v / gb:10.2f} GB" for name, v in rows]
     verdict = "fits" if r["fits"] else "does NOT fit"
     lines.append(f"  {r['device']} has {r['device_bytes'] / gb:.0f} GB: {verdict}; largest batch at context "
@@ -117,7 +130,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
     n = math.prod(parse_mesh(a.mesh).values())
-    if os.environ.get(CHILD) != str(n):
+    if a.backend == "cpu" and os.environ.get(CHILD) != str(n):
         checked(a)  # bad input ends here, before a child starts
         return run_with_devices(argv, n)
     r = plan(a)

@@ -79,6 +79,7 @@ def test_largest_batch_and_context_for_a_capacity():
     (["--config", "no_such_preset"], "no_such_preset"),
     (["--config", "tiny", "--context", "256", "--pattern", "SF"], "SF"),
     (["--config", "tiny", "--context", "256", "--mesh", "data=3"], "3 devices"),
+    (["--config", "tiny", "--context", "256", "--mesh", "tensor=2", "--backend", "local"], "--backend local"),
 ])
 def test_bad_input_is_one_line(args, names):
     r = run_plan(*args)
@@ -97,3 +98,14 @@ def test_generate_that_cannot_fit_ends_with_one_line_before_allocating(monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert "GiB per device" in err[0] and "free" in err[0] and "--chunk-size" in err[0], err[0]
+
+
+def test_local_backend_plans_what_the_fake_device_plan_computes_on_the_same_compiler():
+    """On a CPU host both backends compile the same program for the same CPU compiler: equal plans."""
+    args = ["--config", "tiny", "--context", "256", "--chunk-size", "64", "--json"]
+    fake, local = run_plan(*args), run_plan(*args, "--backend", "local")
+    assert fake.returncode == 0 and local.returncode == 0, fake.stderr + local.stderr
+    fake, local = json.loads(fake.stdout), json.loads(local.stdout)
+    for key in ("params_bytes", "cache_bytes", "prefill_temp_bytes", "decode_temp_bytes", "max_batch"):
+        assert local[key] == fake[key], key
+    assert local["backend"] == "local" and local["compiled_for"] == jax.devices()[0].device_kind
