@@ -153,3 +153,16 @@ def add_impl_argument(p: argparse.ArgumentParser) -> None:
 
 def add_seed_argument(p: argparse.ArgumentParser, default: int = 0, what: str = "random init and sampling") -> None:
     p.add_argument("--seed", type=seed, default=default, help=f"seed for {what} (default {default})")
+
+
+def add_mesh_arguments(p: argparse.ArgumentParser) -> None:
+    """The parallelism flags of every command that runs a model; `runtime.sharding.mesh_from_args` reads them."""
+    par = p.add_argument_group("parallelism")
+    par.add_argument("--mesh", default="", help="device mesh as axis=size over data,tensor,expert (e.g. "
+                     "data=2,tensor=4); params are sharded by their logical axes. Default: no sharding")
+    par.add_argument("--distributed", action="store_true",
+                     help="multi-host: join a job first (one process per host; only process 0 prints)")
+    par.add_argument("--coordinator", help="with --distributed: HOST:PORT of process 0 (default: "
+                                          "JAX_COORDINATOR_ADDRESS, or detected under SLURM / on a TPU pod)")
+    par.add_argument("--num-processes", type=positive_int, help="with --distributed: processes in the job")
+    par.add_argument("--process-id", type=nonneg_int, help="with --distributed: this process's rank")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from ic_jax.cli import (
     ArgumentParser,
     add_impl_argument,
+    add_mesh_arguments,
     add_seed_argument,
     entry,
     fraction,
@@ -37,7 +37,7 @@ from ic_jax.runtime.engine import Engine
 from ic_jax.runtime.loading import load_model
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
-from ic_jax.runtime.sharding import init_distributed, make_mesh, parse_mesh, shard_model
+from ic_jax.runtime.sharding import mesh_from_args, shard_model
 from ic_jax.runtime.tokenizer import load_tokenizer
 
 PATTERN_HELP = """IndexCache pattern, one of: an F/S string per layer (FSFSSS...); a shorter motif repeated
@@ -57,15 +57,7 @@ def parse_args(argv):
     add_seed_argument(src)
     src.add_argument("--pattern", help=PATTERN_HELP)
     add_impl_argument(src)
-    par = p.add_argument_group("parallelism")
-    par.add_argument("--mesh", default="", help="device mesh as axis=size over data,tensor,expert (e.g. "
-                     "data=2,tensor=4); params are sharded by their logical axes. Default: no sharding")
-    par.add_argument("--distributed", action="store_true",
-                     help="multi-host: join a job first (one process per host; only process 0 prints)")
-    par.add_argument("--coordinator", help="with --distributed: HOST:PORT of process 0 (default: "
-                                          "JAX_COORDINATOR_ADDRESS, or detected under SLURM / on a TPU pod)")
-    par.add_argument("--num-processes", type=positive_int, help="with --distributed: processes in the job")
-    par.add_argument("--process-id", type=nonneg_int, help="with --distributed: this process's rank")
+    add_mesh_arguments(p)
     inp = p.add_argument_group("prompt (several --prompt/--prompt-file make a batch; stdin when none)")
     inp.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     inp.add_argument("--prompt-file", action="append", default=[], type=Path, help="file whose text is one prompt")
@@ -109,14 +101,9 @@ def read_prompts(a) -> list[str]:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.distributed:
-        init_distributed(a.coordinator, a.num_processes, a.process_id)
-        if jax.process_index() != 0:  # every process runs the same program; one prints it
-            sys.stdout = open(os.devnull, "w")
+    mesh = mesh_from_args(a)
     opts = RunOptions.for_impl(a.impl)
-    mesh_sizes = parse_mesh(a.mesh) if a.mesh else None
     prompts = read_prompts(a)
-    mesh = make_mesh(mesh_sizes) if mesh_sizes else None
     model, ckpt = load_model(a, mesh)
     cfg = model.cfg
     tok = load_tokenizer(ckpt)

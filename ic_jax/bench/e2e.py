@@ -5,7 +5,10 @@ for each pattern and context length it times one chunked prefill of a random pro
 on its first chunk) and then `--decode-steps` decode steps, and reports the speedup of every pattern
 over the first one, measured in the same run. Compare with the paper's SGLang figures (indexcache.md
 section 4): 200K prefill 19.5 s all-F -> 10.7 s at 1/4; decode 58 -> 86 tok/s. --indexer-fp8 scores the keys
-with FP8 indexer logits (the config's `indexer_fp8`); compare it with a run without the flag.
+with FP8 indexer logits (the config's `indexer_fp8`); compare it with a run without the flag. With --mesh the params
+are born sharded and the ops run per shard. Each row also reports the peak memory of the fullest device so far in
+the process (the allocator's high-water mark, on GPU/TPU), to set beside `python -m ic_jax.plan`; run one pattern
+and one context per process for a peak of that point alone.
 """
 
 from __future__ import annotations
@@ -18,9 +21,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from ic_jax.cli import SIZE_HELP, ArgumentParser, add_impl_argument, add_seed_argument, entry, positive_int, size_list
+from ic_jax.cli import (
+    SIZE_HELP,
+    ArgumentParser,
+    add_impl_argument,
+    add_mesh_arguments,
+    add_seed_argument,
+    entry,
+    positive_int,
+    size_list,
+)
 from ic_jax.errors import UserError
 from ic_jax.files import atomic_write_text, check_output_file
 from ic_jax.model.config import load_config
@@ -30,6 +43,13 @@ from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.engine import Engine, decode_step, prefill_chunk
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
+from ic_jax.runtime.sharding import (
+    MESH_AXES,
+    check_data_split,
+    init_sharded,
+    make_mesh,
+    mesh_from_args,
+)
 
 PAPER = {  # context -> (prefill all-F s, prefill 1/4 s, decode all-F tok/s, decode 1/4 tok/s), SGLang on H100
     10_000: (0.57, 0.45, 73.5, 91.0), 60_000: (3.38, 2.59, 67.0, 89.5),
@@ -38,13 +58,15 @@ PAPER = {  # context -> (prefill all-F s, prefill 1/4 s, decode all-F tok/s, dec
 
 
 def add_model_arguments(p: ArgumentParser) -> None:
-    """The model flags of the whole-model benchmarks (e2e, step); `model_config` reads them."""
+    """The model and parallelism flags of the whole-model benchmarks (e2e, step); `model_config` and
+    `mesh_from_args` read them."""
     p.add_argument("--config", default="glm47_flash_dsa", help="preset or config JSON (default glm47_flash_dsa)")
     p.add_argument("--layers", type=positive_int, help="override num_hidden_layers (quick checks)")
     add_impl_argument(p)
     p.add_argument("--indexer-fp8", action="store_true",
                    help="FP8 indexer logits (e4m3, a scale per vector) for top-k selection (default bf16)")
     add_seed_argument(p, what="the random weights, prompts and cache")
+    add_mesh_arguments(p)
 
 
 def model_config(a):
@@ -54,16 +76,30 @@ def model_config(a):
     return cfg.replace(indexer_fp8=True) if a.indexer_fp8 else cfg
 
 
-def random_model(cfg, pattern: str, seed: int) -> DSAModel:
-    """Random weights made directly on the device (no host copy of the parameters)."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DSAModel(cfg, pattern, nnx.Rngs(seed))))
-    state = jax.jit(lambda: nnx.state(DSAModel(cfg, pattern, nnx.Rngs(seed))))()
-    return nnx.merge(graphdef, state)
+def random_model(cfg, pattern: str, seed: int, mesh: Mesh | None) -> DSAModel:
+    """Random weights made directly on the devices, each holding only its shards (no host copy of the parameters);
+    without a mesh, all on the default device."""
+    one_device = make_mesh(dict.fromkeys(MESH_AXES, 1), jax.devices()[:1])
+    return init_sharded(lambda: DSAModel(cfg, pattern, nnx.Rngs(seed)), mesh if mesh is not None else one_device)
 
 
-def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, bar, save) -> list[dict]:
+def peak_bytes() -> int | None:
+    """The allocator's peak bytes in use so far in this process on the fullest local device; None where the backend
+    does not report it (CPU)."""
+    stats = [d.memory_stats() for d in jax.local_devices() if hasattr(d, "memory_stats")]
+    peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+    return max(peaks) if peaks else None
+
+
+def mesh_json(mesh: Mesh | None) -> dict[str, int] | None:
+    """The mesh's axis sizes, as the JSON headers of the benchmarks record it (None: no mesh)."""
+    return dict(mesh.shape) if mesh is not None else None
+
+
+def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, mesh, bar, save) -> list[dict]:
     t = time.perf_counter()
-    engine = Engine(random_model(cfg, pattern, a.seed), opts)
+    engine = Engine(random_model(cfg, pattern, a.seed, mesh), opts, mesh)
+    opts = engine.opts  # with the mesh: the ops run per shard
     jax.block_until_ready(engine.params)
     bar.write(f"{pattern}: random init {time.perf_counter() - t:.1f}s")
     rng = np.random.default_rng(a.seed)
@@ -74,7 +110,7 @@ def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, ba
         chunk = min(a.chunk_size, ctx)
         # compile on the first chunk, so the timed prefill below is all execution
         t = time.perf_counter()
-        check_fits(engine.model, None, a.batch, max_len, chunk, opts, "lower --batch, --chunk-size or --contexts")
+        check_fits(engine.model, mesh, a.batch, max_len, chunk, opts, "lower --batch, --chunk-size or --contexts")
         cache = engine.new_cache(a.batch, max_len)
         first = jnp.asarray([p[:chunk] for p in prompts], jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), first.shape)
@@ -98,7 +134,7 @@ def time_pattern(cfg, pattern: str, contexts: list[int], a, opts: RunOptions, ba
         decode_tok_s = (a.decode_steps - 1) / (time.perf_counter() - t1)
         bar.write(f"  {ctx}: prefill {prefill_s:.2f}s, decode {decode_tok_s:.1f} tok/s")
         rows.append({"pattern": pattern, "indexers": pattern.count("F"), "context": ctx, "batch": a.batch,
-                     "prefill_s": prefill_s, "decode_tok_s": decode_tok_s})
+                     "prefill_s": prefill_s, "decode_tok_s": decode_tok_s, "peak_bytes_per_device": peak_bytes()})
         save(rows)
         bar.update(1)
         del cache
@@ -134,6 +170,8 @@ def main(argv=None) -> int:
         raise UserError(f"--contexts {max(a.contexts)} plus --decode-steps {a.decode_steps} exceeds the model's "
                         f"max_position_embeddings {cfg.max_position_embeddings}; give shorter contexts")
     patterns = [parse_pattern(s, cfg.num_hidden_layers) for s in a.patterns]
+    mesh = mesh_from_args(a)
+    check_data_split(a.batch, mesh, "--batch")
     opts = RunOptions.for_impl(a.impl)
     impl = opts.implementation or "auto"
     device = jax.devices()[0].device_kind
@@ -144,26 +182,29 @@ def main(argv=None) -> int:
         if a.json:
             atomic_write_text(a.json, json.dumps({"device": device, "jax": jax.__version__, "impl": impl,
                                                   "config": a.config, "layers": cfg.num_hidden_layers,
-                                                  "indexer_fp8": cfg.indexer_fp8,
+                                                  "indexer_fp8": cfg.indexer_fp8, "mesh": mesh_json(mesh),
+                                                  "devices": mesh.size if mesh is not None else 1,
                                                   "rows": rows + more}, indent=2))
 
     with tqdm(total=len(patterns) * len(a.contexts), desc="e2e", unit="point") as bar:
         for pattern in patterns:
-            rows += time_pattern(cfg, pattern, a.contexts, a, opts, bar, save)
+            rows += time_pattern(cfg, pattern, a.contexts, a, opts, mesh, bar, save)
     base = {r["context"]: r for r in rows if r["pattern"] == patterns[0]}
     for r in rows:
         r["prefill_speedup"] = base[r["context"]]["prefill_s"] / r["prefill_s"]
         r["decode_speedup"] = r["decode_tok_s"] / base[r["context"]]["decode_tok_s"]
     save([])
     print(f"\n{cfg.num_hidden_layers} layers, {device}, jax {jax.__version__}, impl {impl}, batch {a.batch}, "
-          f"chunk {a.chunk_size}, indexer {'fp8' if cfg.indexer_fp8 else 'bf16'}")
+          f"chunk {a.chunk_size}, indexer {'fp8' if cfg.indexer_fp8 else 'bf16'}, mesh {a.mesh or 'none'}")
     print(f"{'context':>8} {'indexers':>9} {'prefill s':>10} {'speedup':>8} {'decode tok/s':>13} {'speedup':>8}"
-          f" | paper all-F/1/4 prefill s, decode tok/s")
+          f" {'peak GB/dev':>11} | paper all-F/1/4 prefill s, decode tok/s")
     for r in rows:
         ref = PAPER.get(r["context"])
         paper = f"{ref[0]}/{ref[1]} s, {ref[2]}/{ref[3]}" if ref else "-"
+        peak = "-" if r["peak_bytes_per_device"] is None else f"{r['peak_bytes_per_device'] / 1e9:.2f}"
         print(f"{r['context']:>8} {r['indexers']:>5}/{cfg.num_hidden_layers:<3} {r['prefill_s']:>10.3f} "
-              f"{r['prefill_speedup']:>7.2f}x {r['decode_tok_s']:>13.1f} {r['decode_speedup']:>7.2f}x | {paper}")
+              f"{r['prefill_speedup']:>7.2f}x {r['decode_tok_s']:>13.1f} {r['decode_speedup']:>7.2f}x {peak:>11} "
+              f"| {paper}")
     return 0
 
 

@@ -15,6 +15,7 @@ Pallas kernels by function) with the most time.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import tempfile
 import time
@@ -25,7 +26,13 @@ import jax.numpy as jnp
 from jax.profiler import ProfileData
 from tqdm import tqdm
 
-from ic_jax.bench.e2e import add_model_arguments, model_config, random_model
+from ic_jax.bench.e2e import (
+    add_model_arguments,
+    mesh_json,
+    model_config,
+    peak_bytes,
+    random_model,
+)
 from ic_jax.bench.flags import one_size
 from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, positive_int
 from ic_jax.errors import UserError
@@ -35,20 +42,23 @@ from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.engine import Engine, decode_step, prefill_chunk
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
+from ic_jax.runtime.sharding import check_data_split, mesh_from_args
 
 PROFILED_STEPS = 3
 
 
 def random_cache(cache, seed: int):
-    """The cache with every float entry drawn from N(0, 1) (the FP8 key scales keep their 1s), one leaf at a time."""
+    """The cache with every float entry drawn from N(0, 1) (the FP8 key scales keep their 1s), one leaf at a time,
+    each drawn where it lies (its shards on their devices)."""
     leaves, tree = jax.tree.flatten(cache)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
 
-    @jax.jit
-    def draw(key, like):
-        return jax.random.normal(key, like.shape, jnp.bfloat16).astype(like.dtype)
+    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+    def draw(key, shape, dtype, sharding):
+        return jax.lax.with_sharding_constraint(jax.random.normal(key, shape, jnp.bfloat16).astype(dtype), sharding)
 
-    return jax.tree.unflatten(tree, [x if x.dtype == jnp.float32 else draw(k, x) for k, x in zip(keys, leaves)])
+    return jax.tree.unflatten(tree, [x if x.dtype == jnp.float32 else draw(k, x.shape, x.dtype, x.sharding)
+                                     for k, x in zip(keys, leaves)])
 
 
 def device_profile(run, steps: int, top: int) -> dict:
@@ -89,11 +99,12 @@ def cache_length(a) -> int:
     return a.context + (a.chunk if a.chunk > 1 else a.steps + PROFILED_STEPS + 8)
 
 
-def time_pattern(cfg, spec: str, a, opts: RunOptions) -> dict:
+def time_pattern(cfg, spec: str, a, opts: RunOptions, mesh) -> dict:
     pattern = parse_pattern(spec, cfg.num_hidden_layers)
     t = time.perf_counter()
-    engine = Engine(random_model(cfg, pattern, a.seed), opts)
-    check_fits(engine.model, None, a.batch, cache_length(a), a.chunk, opts, "lower --batch, --context or --chunk")
+    engine = Engine(random_model(cfg, pattern, a.seed, mesh), opts, mesh)
+    opts = engine.opts  # with the mesh: the ops run per shard
+    check_fits(engine.model, mesh, a.batch, cache_length(a), a.chunk, opts, "lower --batch, --context or --chunk")
     cache = random_cache(engine.new_cache(a.batch, cache_length(a)), a.seed)
     jax.block_until_ready(cache)
     setup_s = time.perf_counter() - t
@@ -123,7 +134,8 @@ def time_pattern(cfg, spec: str, a, opts: RunOptions) -> dict:
     steps(a.steps)
     ms = (time.perf_counter() - t) / a.steps * 1e3
     row = {"pattern": pattern, "spec": spec, "indexers": pattern.count("F"), "ms_per_step": ms,
-           "tok_s": 1e3 * a.chunk / ms, "setup_s": setup_s, "compile_s": compile_s}
+           "tok_s": 1e3 * a.chunk / ms, "setup_s": setup_s, "compile_s": compile_s,
+           "peak_bytes_per_device": peak_bytes()}
     if a.profile:
         row["profile"] = device_profile(lambda: steps(PROFILED_STEPS), PROFILED_STEPS, a.top)
     return row
@@ -171,20 +183,23 @@ def main(argv=None) -> int:
                         f"max_position_embeddings {cfg.max_position_embeddings}; give a shorter context")
     for spec in a.patterns:
         parse_pattern(spec, cfg.num_hidden_layers)  # bad patterns fail before any model is built
+    mesh = mesh_from_args(a)
+    check_data_split(a.batch, mesh, "--batch")
     opts = RunOptions.for_impl(a.impl)
     device = jax.devices()[0].device_kind
     what = "decode step" if a.chunk == 1 else f"prefill chunk of {a.chunk}"
     rows: list[dict] = []
     for spec in tqdm(a.patterns, desc=what, unit="pattern"):
-        rows.append(time_pattern(cfg, spec, a, opts))
+        rows.append(time_pattern(cfg, spec, a, opts, mesh))
         rows[-1]["speedup"] = rows[0]["ms_per_step"] / rows[-1]["ms_per_step"]
         if a.json:  # every pattern measured so far, so an interrupted run keeps its numbers
             atomic_write_text(a.json, json.dumps({
                 "device": device, "jax": jax.__version__, "impl": opts.implementation or "auto", "config": a.config,
                 "layers": cfg.num_hidden_layers, "context": a.context, "chunk": a.chunk, "batch": a.batch,
-                "indexer_fp8": cfg.indexer_fp8, "rows": rows}, indent=2))
+                "indexer_fp8": cfg.indexer_fp8, "mesh": mesh_json(mesh), "rows": rows}, indent=2))
     print(f"\n{cfg.num_hidden_layers} layers, {device}, jax {jax.__version__}, impl {opts.implementation or 'auto'}, "
-          f"batch {a.batch}, context {a.context}, {what}, indexer {'fp8' if cfg.indexer_fp8 else 'bf16'}")
+          f"batch {a.batch}, context {a.context}, {what}, indexer {'fp8' if cfg.indexer_fp8 else 'bf16'}, "
+          f"mesh {a.mesh or 'none'}")
     print(f"{'pattern':>10} {'indexers':>9} {'ms/step':>9} {'tok/s':>9} {'speedup':>8}")
     for r in rows:
         print(f"{r['spec'][:10]:>10} {r['indexers']:>5}/{cfg.num_hidden_layers:<3} {r['ms_per_step']:9.2f} "

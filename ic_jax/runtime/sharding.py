@@ -7,6 +7,8 @@ model), for one host or many (`jax.distributed.initialize()` first, see `init_di
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Callable
 
 import jax
@@ -121,3 +123,24 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         raise UserError(f"--distributed could not join a job ({reason}); pass --coordinator HOST:PORT, "
                         f"--num-processes and --process-id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
                         f"JAX_PROCESS_ID, or run under SLURM / on a TPU pod), or drop --distributed") from None
+
+
+def mesh_from_args(a) -> Mesh | None:
+    """The mesh of a command's parallelism flags (`ic_jax.cli.add_mesh_arguments`); None without --mesh. With
+    --distributed the job is joined first, so the mesh spans every process's devices, and only process 0 keeps
+    its stdout (every process runs the same program; one prints it)."""
+    sizes = parse_mesh(a.mesh) if a.mesh else None  # a bad spec ends before any job is joined
+    if a.distributed:
+        init_distributed(a.coordinator, a.num_processes, a.process_id)
+        if jax.process_index() != 0:
+            sys.stdout = open(os.devnull, "w")
+    return make_mesh(sizes) if sizes else None
+
+
+def check_data_split(n: int, mesh: Mesh | None, what: str) -> None:
+    """Refuses `n` rows (a batch, a number of windows) that do not split evenly over the mesh's "data" axis: rows
+    left whole on every device would compute and hold `data` times the work."""
+    data = mesh.shape["data"] if mesh is not None else 1
+    if n % data:
+        raise UserError(f"{what} {n} does not split over the {data} devices of the data axis of --mesh; give a "
+                        f"multiple of {data} or a --mesh with another data size")
