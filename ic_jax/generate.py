@@ -33,12 +33,13 @@ from ic_jax.files import read_stdin, read_text
 from ic_jax.model.dsa import moe_layers
 from ic_jax.model.pattern import describe_layout
 from ic_jax.model.run_options import RunOptions
+from ic_jax.package_data import DEFAULT_CKPT
 from ic_jax.runtime.engine import Engine
 from ic_jax.runtime.loading import load_model
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
 from ic_jax.runtime.sharding import mesh_from_args, shard_model
-from ic_jax.runtime.tokenizer import load_tokenizer
+from ic_jax.runtime.tokenizer import load_chat_template, load_tokenizer
 
 PATTERN_HELP = """IndexCache pattern, one of: an F/S string per layer (FSFSSS...); a shorter motif repeated
 and cut to the layer count (FSSS); freq:N or freq:N,offset:M (SGLang/vLLM index_topk_freq rule);
@@ -61,6 +62,9 @@ def parse_args(argv):
     inp = p.add_argument_group("prompt (several --prompt/--prompt-file make a batch; stdin when none)")
     inp.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     inp.add_argument("--prompt-file", action="append", default=[], type=Path, help="file whose text is one prompt")
+    inp.add_argument("--chat", action="store_true", help="send each prompt as a user message through the "
+                     "checkpoint's chat template (chat_template.jinja or tokenizer_config.json), with the assistant "
+                     "turn opened")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128,
                      help="tokens to generate per prompt (default 128)")
@@ -104,12 +108,15 @@ def main(argv=None) -> int:
     mesh = mesh_from_args(a)
     opts = RunOptions.for_impl(a.impl)
     prompts = read_prompts(a)
+    if a.chat:  # the template is found before a checkpoint is loaded
+        template = load_chat_template(None if a.init else a.ckpt or DEFAULT_CKPT)
+        prompts = [template.render([{"role": "user", "content": p}]) for p in prompts]
     model, ckpt = load_model(a, mesh)
     cfg = model.cfg
     tok = load_tokenizer(ckpt)
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
-    ids = [tok.encode(p) for p in prompts]
+    ids = [tok.encode(p, special=not a.chat) for p in prompts]  # a chat template writes its special tokens
     longest = max(map(len, ids))
     if longest + a.max_new_tokens > cfg.max_position_embeddings:
         raise UserError(f"prompt of {longest} tokens + {a.max_new_tokens} new tokens exceeds max_position_embeddings "

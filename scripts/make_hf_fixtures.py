@@ -8,8 +8,13 @@ releases hold them, GLM: 1-byte e8m0 scale tensors), the router gate and its cor
 bf16, split over two shards with `model.safetensors.index.json`, and a release-style config.json. The logits
 are computed from the dequantized weights, dequantized here (transformers' CPU FP8 path is wrong at edge
 blocks). The indexer's top-k is checked for ties at the k-th place, where two top-k implementations may differ.
+deepseek_v32_bf16 is deepseek_v32 unquantized: the same dequantized values in bf16 (exact: an e4m3 value times a
+power of two fits bf16), one model.safetensors, hence the same logits. Each folder has a byte-level tokenizer.json
+with the architecture's special tokens and a chat template in the form its release ships (GLM: chat_template.jinja,
+DeepSeek: tokenizer_config.json).
 
-  python3 -m venv /work/hfenv && /work/hfenv/bin/pip install torch==2.13.0 transformers==5.24.0 safetensors numpy
+  python3 -m venv /work/hfenv && /work/hfenv/bin/pip install torch==2.13.0 transformers==5.24.0 safetensors numpy \
+      tokenizers
   /work/hfenv/bin/python scripts/make_hf_fixtures.py
 """
 
@@ -23,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     DeepseekV32Config,
     DeepseekV32ForCausalLM,
@@ -37,8 +43,8 @@ QUANTIZED = re.compile(r"(self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_
                        r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight$")
 FP32 = re.compile(r"mlp\.gate\.(weight|e_score_correction_bias)$")
 
-COMMON = {"vocab_size": 256, "hidden_size": 160, "intermediate_size": 136, "moe_intermediate_size": 40, "num_hidden_layers": 4,
-              "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 2,
+COMMON = {"vocab_size": 272, "hidden_size": 136, "intermediate_size": 144, "moe_intermediate_size": 24, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
               "n_shared_experts": 1, "routed_scaling_factor": 2.5, "kv_lora_rank": 32, "q_lora_rank": 48, "qk_rope_head_dim": 16,
               "v_head_dim": 24, "qk_nope_head_dim": 16, "index_head_dim": 32, "index_n_heads": 8, "index_topk": 4,
               "first_k_dense_replace": 1, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "max_position_embeddings": 32,
@@ -48,7 +54,7 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "b
 CASES = {
     # release spelling: rope_theta + rope_scaling with "type", torch_dtype; 2 expert groups; every layer full
     "deepseek_v32": {"arch": "DeepseekV32ForCausalLM", "model_type": "deepseek_v32", "cls": DeepseekV32ForCausalLM,
-                         "config_cls": DeepseekV32Config, "e8m0": False,
+                         "config_cls": DeepseekV32Config, "e8m0": False, "bf16_copy": "deepseek_v32_bf16",
                          "extra": {"n_group": 2, "topk_group": 1, "rope_theta": 10000.0, "rope_scaling": YARN,
                                     "torch_dtype": "bfloat16", "num_nextn_predict_layers": 1,
                                     "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
@@ -56,13 +62,56 @@ CASES = {
                                                          "weight_block_size": [BLOCK, BLOCK]}}},
     # transformers spelling: rope_parameters, dtype, head_dim; GLM-5.2 schedule: layer 2 shares, ships no indexer
     "glm52": {"arch": "GlmMoeDsaForCausalLM", "model_type": "glm_moe_dsa", "cls": GlmMoeDsaForCausalLM,
-                  "config_cls": GlmMoeDsaConfig, "e8m0": True,
+                  "config_cls": GlmMoeDsaConfig, "e8m0": True, "bf16_copy": None,
                   "extra": {"n_group": 1, "topk_group": 1, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0},
                              "dtype": "bfloat16", "head_dim": 16, "indexer_types": ["full", "full", "shared", "full"],
                              "index_topk_freq": 2, "index_skip_topk_offset": 2,
                              "quantization_config": {"fmt": "e4m3", "quant_method": "fp8",
                                                   "weight_block_size": [BLOCK, BLOCK]}}},
 }
+
+# the special tokens and chat template of each release's tokenizer (templates cut down to one user/assistant turn)
+DEEPSEEK_TOKENS = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+                   "user": "<｜User｜>", "assistant": "<｜Assistant｜>"}
+DEEPSEEK_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+                     "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+                     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+                     "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜></think>{% endif %}")
+GLM_TOKENS = {"eos_token": "<|endoftext|>", "gmask": "[gMASK]", "sop": "<sop>", "user": "<|user|>",
+              "assistant": "<|assistant|>"}
+GLM_TEMPLATE = """[gMASK]<sop>{% for m in messages %}
+<|{{ m.role }}|>
+{{ m.content }}{% endfor %}
+{% if add_generation_prompt %}<|assistant|>
+<think></think>
+{% endif %}"""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (what a byte-level BPE vocabulary is written in)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
+
+
+def write_tokenizer(folder: Path, special: dict, template: str, in_config: bool) -> None:
+    """A byte-level tokenizer.json (id = byte, no merges) with the special tokens after the bytes, and the chat
+    template where the release keeps it: tokenizer_config.json (DeepSeek) or chat_template.jinja (GLM)."""
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(special.values()))
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config.update({k: {"__type": "AddedToken", "content": v, "special": True} if in_config else v
+                   for k, v in special.items() if k.endswith("_token")})
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    if in_config:
+        config["chat_template"] = template
+    else:
+        (folder / "chat_template.jinja").write_text(template)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def randomize(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -209,17 +258,30 @@ def make(name: str, case: dict, seed: int) -> None:
         torch.Tensor.topk = original
     margin = topk_margins(calls)
     assert calls and margin > 1e-4, f"{name}: indexer top-k tie (margin {margin}); try another seed"
-    folder = OUT / name
+    release = dict(cfg, architectures=[case["arch"]], model_type=case["model_type"])
+    write_folder(OUT / name, release, stored | mtp_layer(cfg, gen), logits, margin, case)
+    if case["bf16_copy"]:  # the dequantized values, exact in bf16: the same model, the same logits
+        unquantized = {n: t if FP32.search(n) else t.to(torch.bfloat16) for n, t in exact.items()}
+        assert all(torch.equal(t.float(), exact[n]) for n, t in unquantized.items())
+        release = {k: v for k, v in release.items() if k != "quantization_config"}
+        write_folder(OUT / case["bf16_copy"], release, unquantized, logits, margin, case, shards=1)
+    print(f"{name}: {len(stored)} tensors, top-k margin {margin:.3g}, logits {logits.shape}")
+
+
+def write_folder(folder: Path, config: dict, tensors: dict, logits, margin: float, case: dict, shards: int = 2) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("*.safetensors"):
+    for old in folder.glob("model*.safetensors*"):
         old.unlink()
-    write_shards(folder, stored | mtp_layer(cfg, gen))
-    release = {k: v for k, v in cfg.items()}
-    release.update(architectures=[case["arch"]], model_type=case["model_type"])
-    (folder / "config.json").write_text(json.dumps(release, indent=2))
+    if shards == 1:
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(folder / "model.safetensors"))
+    else:
+        write_shards(folder, tensors)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     np.save(folder / "logits.npy", logits.astype(np.float32))
     (folder / "prompt.json").write_text(json.dumps({"tokens": PROMPT, "topk_margin": margin}))
-    print(f"{name}: {len(stored)} tensors, top-k margin {margin:.3g}, logits {logits.shape}")
+    deepseek = case["model_type"] == "deepseek_v32"
+    write_tokenizer(folder, DEEPSEEK_TOKENS if deepseek else GLM_TOKENS,
+                    DEEPSEEK_TEMPLATE if deepseek else GLM_TEMPLATE, in_config=deepseek)
 
 
 if __name__ == "__main__":

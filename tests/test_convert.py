@@ -1,6 +1,7 @@
-"""python -m ic_jax.convert against Hugging Face transformers: tiny checkpoints in the upstream layout (FP8 with
-edge blocks, two shards, an MTP layer, GLM-5.2 shared layers without indexer weights) made by
-scripts/make_hf_fixtures.py, with the logits transformers computed for them."""
+"""python -m ic_jax.convert and generate --ckpt HF_DIR against Hugging Face transformers: tiny checkpoints in the
+upstream layout (FP8 with edge blocks, two shards, an MTP layer, GLM-5.2 shared layers without indexer weights; and
+the DeepSeek one unquantized in bf16, one file) made by scripts/make_hf_fixtures.py, with the logits transformers
+computed for them, their tokenizer.json and chat templates."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 
 from ic_jax.convert.__main__ import main, work_dir
-from ic_jax.convert.fp8 import dequantize, quantize
-from ic_jax.convert.hf_config import schedule
 from ic_jax.runtime.checkpoint import default_pattern, load_checkpoint
+from ic_jax.runtime.hf.config import schedule
+from ic_jax.runtime.hf.fp8 import dequantize, quantize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
@@ -28,7 +29,7 @@ def converted(tmp_path, name, *extra):
     return out
 
 
-@pytest.mark.parametrize("name", ["deepseek_v32", "glm52"])
+@pytest.mark.parametrize("name", ["deepseek_v32", "glm52", "deepseek_v32_bf16"])
 def test_logits_match_transformers(tmp_path, name):
     out = converted(tmp_path, name)
     tokens = json.loads((FIXTURES / name / "prompt.json").read_text())["tokens"]
@@ -73,23 +74,23 @@ def test_resumes_from_work_folder(tmp_path, monkeypatch):
     from ic_jax.convert import hf_import
 
     saved, stopping = [], [True]
-    real = hf_import.save_unit
+    real = hf_import.mark_done
 
-    def stop_after_two(path, tree):
-        real(path, tree)
-        saved.append(path.name)
+    def stop_after_two(unit):
+        real(unit)
+        saved.append(unit.name)
         if stopping[0] and len(saved) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf_import, "save_unit", stop_after_two)
+    monkeypatch.setattr(hf_import, "mark_done", stop_after_two)
     out = tmp_path / "v32"
     args = ["--hf", str(FIXTURES / "deepseek_v32"), "--out", str(out), "--dtype", "float32", "--quiet"]
     assert main(args) == 130
-    assert sorted(p.name for p in work_dir(out).glob("*.npz")) == ["layer_00000.npz", "top.npz"]
+    assert sorted(p.parent.name for p in work_dir(out).glob("*/done")) == ["layer_00000", "top"]
     saved.clear()
     stopping[0] = False
     assert main(args) == 0
-    assert saved == ["layer_00001.npz", "layer_00002.npz", "layer_00003.npz"]  # the first two were reused
+    assert saved == ["layer_00001", "layer_00002", "layer_00003"]  # the first two were reused
     assert not work_dir(out).exists()
 
 
@@ -118,8 +119,8 @@ def test_bad_checkpoints_one_line(tmp_path, capsys, edit, message):
 def test_export_then_import_is_identical(tmp_path, name, pattern):
     """--to-hf then --hf: the same params (S layers without indexers) and the same logits; the pattern in
     config.json as indexer_types and index_topk_pattern, no indexer tensors on S layers."""
-    from ic_jax.convert.safetensors_io import Shards
     from ic_jax.runtime.checkpoint import read_config, read_params
+    from ic_jax.runtime.hf.safetensors_io import Shards
 
     ckpt = converted(tmp_path, name)
     hf = tmp_path / "hf"
@@ -153,7 +154,110 @@ def test_export_then_import_is_identical(tmp_path, name, pattern):
 
 def test_scale_fmt_read_from_the_config():
     """DeepSeek's quantization_config.scale_fmt "ue8m0" reaches ModelConfig (the FP8 indexer's scales)."""
-    from ic_jax.convert.hf_config import read_hf_config
+    from ic_jax.runtime.hf.config import read_hf_config
 
     assert read_hf_config(FIXTURES / "deepseek_v32").cfg.scale_fmt == "ue8m0"
     assert read_hf_config(FIXTURES / "glm52").cfg.scale_fmt is None
+
+
+@pytest.mark.parametrize("name, pattern", [("glm52", None), ("deepseek_v32", "FSFS")])
+def test_direct_load_equals_converted(tmp_path, name, pattern):
+    """generate --ckpt HF_DIR: the model converted into device memory has the converted checkpoint's params,
+    dtypes and pattern (the converted checkpoint's logits are transformers', test_logits_match_transformers)."""
+    from flax import nnx
+
+    from ic_jax.runtime.hf.device import load_model
+
+    out = tmp_path / name
+    assert main(["--hf", str(FIXTURES / name), "--out", str(out), "--quiet"]) == 0  # bfloat16, as generate loads
+    direct, saved = load_model(FIXTURES / name, pattern), load_checkpoint(out, pattern)
+    assert direct.pattern == saved.pattern == (pattern or "FFSF")
+    leaves = [jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(m, nnx.Param))) for m in (direct, saved)]
+    assert [p for p, _ in leaves[0]] == [p for p, _ in leaves[1]]
+    for (path, a), (_, b) in zip(*leaves):
+        assert a.dtype == b.dtype, path
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_generate_refuses_a_pattern_the_checkpoint_has_no_indexers_for(capsys):
+    from ic_jax.generate import main as generate
+
+    assert generate(["--ckpt", str(FIXTURES / "glm52"), "--pattern", "FFFF", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--pattern FFFF makes layer 2 F" in err and "ships no indexer weights" in err, err
+
+
+SHARDED_LOAD = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np
+from flax import nnx
+from ic_jax.runtime.hf.device import load_model
+from ic_jax.runtime.sharding import make_mesh, param_shardings
+mesh = make_mesh({"data": 1, "tensor": 2, "expert": 2})
+sharded, plain = load_model(FOLDER, mesh=mesh), load_model(FOLDER)
+want = nnx.to_pure_dict(param_shardings(sharded, mesh))
+got = nnx.to_pure_dict(nnx.state(sharded, nnx.Param))
+ref = nnx.to_pure_dict(nnx.state(plain, nnx.Param))
+split = 0
+for s, a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), jax.tree.leaves(ref)):
+    assert a.sharding.is_equivalent_to(s, a.ndim), (a.sharding, s)
+    split += len(a.sharding.device_set) == 4 and not a.sharding.is_fully_replicated
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+assert split >= 10, split
+print("SHARDED_LOAD_OK", split)
+"""
+
+
+def test_direct_load_lands_sharded():
+    """With a mesh, every param arrives with its NamedSharding (experts over expert, heads and hidden over tensor)
+    and the values of the unsharded load (4 fake CPU devices, in a subprocess)."""
+    import subprocess
+    import sys
+
+    script = SHARDED_LOAD.replace("FOLDER", repr(str(FIXTURES / "glm52")))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert "SHARDED_LOAD_OK" in run.stdout, run.stderr[-3000:]
+
+
+# the fixtures' templates by hand: GLM's (chat_template.jinja, trim_blocks drops the newline after each tag) and
+# DeepSeek's (tokenizer_config.json, with its bos_token)
+CHATS = {"glm52": "[gMASK]<sop><|user|>\nhi<|assistant|>\n<think></think>\n",
+         "deepseek_v32": "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜></think>"}
+
+
+def test_chat_templates(tmp_path):
+    from ic_jax.errors import UserError
+    from ic_jax.runtime.tokenizer import load_chat_template
+
+    for name, want in CHATS.items():
+        assert load_chat_template(FIXTURES / name).render([{"role": "user", "content": "hi"}]) == want
+    with pytest.raises(UserError, match="refused these messages \\(Only user and assistant roles are supported!"):
+        load_chat_template(FIXTURES / "deepseek_v32").render([{"role": "system", "content": "x"}])
+    # a converted checkpoint keeps the template and the special tokens it uses
+    out = tmp_path / "v32"
+    assert main(["--hf", str(FIXTURES / "deepseek_v32"), "--out", str(out), "--quiet"]) == 0
+    assert load_chat_template(out).render([{"role": "user", "content": "hi"}]) == CHATS["deepseek_v32"]
+
+
+def test_generate_chat_from_a_hf_folder(capsys):
+    """generate --ckpt HF_DIR --chat: the prompt is the rendered template in the folder's tokenizer.json (24 ids:
+    [gMASK], <sop>, <|user|> and <|assistant|> one each, 20 bytes), under the folder's schedule."""
+    from ic_jax.generate import main as generate
+
+    args = ["--ckpt", str(FIXTURES / "glm52"), "--chat", "--prompt", "hi", "--max-new-tokens", "1",
+            "--temperature", "0", "--json"]
+    assert generate(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_tokens"] == 24 and out["new_tokens"] == 1 and out["pattern"] == "FFSF"
+
+
+def test_chat_without_a_template_one_line(tmp_path, capsys):
+    from ic_jax.generate import main as generate
+
+    src = tmp_path / "glm"
+    shutil.copytree(FIXTURES / "glm52", src)
+    (src / "chat_template.jinja").unlink()
+    assert generate(["--ckpt", str(src), "--chat", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "has no chat template" in err, err

@@ -24,12 +24,12 @@ from pathlib import Path
 
 from ic_jax.cli import ArgumentParser, entry
 from ic_jax.convert.hf_export import export
-from ic_jax.convert.hf_import import convert
+from ic_jax.convert.hf_import import convert, saved_tree
 from ic_jax.errors import UserError
 from ic_jax.files import claim_output_dir
-from ic_jax.model.dsa import build_model
 from ic_jax.model.pattern import describe_layout
-from ic_jax.runtime.checkpoint import save_checkpoint
+from ic_jax.runtime.checkpoint import save_params
+from ic_jax.runtime.tokenizer import find_chat_template, special_tokens
 
 
 def parse_args(argv):
@@ -65,18 +65,20 @@ def main(argv=None) -> int:
         raise UserError(f"--hf {args.hf} has no config.json; pass a Hugging Face model folder")
     out = claim_output_dir(args.out, "--out", overwrite=args.overwrite)
     work = work_dir(out)
-    info, layers, top, pattern, notes = convert(args.hf, work, args.dtype, progress=not args.quiet)
-    shipped = "".join("F" if "indexer" in lp else "S" for lp in layers)  # every indexer the checkpoint has is kept
-    model = build_model(info.cfg, shipped, layers, top)
+    p = convert(args.hf, work, args.dtype, progress=not args.quiet)
     tokenizer = args.hf / "tokenizer.json"
-    meta = {"converted_from": str(args.hf.absolute()), "architecture": info.architecture, "notes": notes,
-            "indexers_shipped": shipped, "hf_config": info.raw}
-    save_checkpoint(out, model, pattern=pattern if "S" in pattern else None,
-                    tokenizer_file=tokenizer if tokenizer.is_file() else None, meta=meta, overwrite=True)
+    meta = {"converted_from": str(args.hf.absolute()), "architecture": p.info.architecture, "notes": p.notes,
+            "indexers_shipped": p.shipped, "hf_config": p.info.raw, "special_tokens": special_tokens(args.hf)}
+    chat = find_chat_template(args.hf)
+    if chat is not None:  # generate --chat reads it from meta.json
+        meta["chat_template"] = chat[0]
+    save_params(out, p.info.cfg, saved_tree(p, work), pattern=p.pattern if "S" in p.pattern else None,
+                tokenizer_file=tokenizer if tokenizer.is_file() else None, meta=meta, overwrite=True)
     shutil.rmtree(work, ignore_errors=True)
-    for note in notes:
+    for note in p.notes:
         print(f"note: {note}")
-    print(describe_layout(pattern, [info.cfg.is_moe(i) for i in range(info.cfg.num_hidden_layers)]))
+    cfg = p.info.cfg
+    print(describe_layout(p.pattern, [cfg.is_moe(i) for i in range(cfg.num_hidden_layers)]))
     print(f"wrote {out}")
     return 0
 

@@ -17,14 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ic_jax.convert.hf_config import ARCHITECTURES
-from ic_jax.convert.names import get_path, layer_tensors, top_tensors
-from ic_jax.convert.safetensors_io import write_shards
 from ic_jax.errors import UserError
 from ic_jax.files import atomic_write_text, claim_output_dir, new_temp_dir, publish_dir
 from ic_jax.model.config import ModelConfig
 from ic_jax.model.pattern import parse_pattern
-from ic_jax.runtime.checkpoint import default_pattern, read_config, read_meta, read_params
+from ic_jax.runtime.checkpoint import (
+    default_pattern,
+    read_config,
+    read_meta,
+    read_params,
+)
+from ic_jax.runtime.hf.config import ARCHITECTURES
+from ic_jax.runtime.hf.names import get_path, layer_tensors, top_tensors
+from ic_jax.runtime.hf.safetensors_io import write_shards
 
 SHARD_BYTES = 5 * 2**30  # as Hugging Face's save_pretrained default
 MODEL_TYPES = {"DeepseekV32ForCausalLM": "deepseek_v32", "GlmMoeDsaForCausalLM": "glm_moe_dsa"}

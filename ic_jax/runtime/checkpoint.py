@@ -42,14 +42,22 @@ def save_checkpoint(path: str | Path, model: DSAModel, *, pattern: str | None = 
                     meta: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Writes the checkpoint into a hidden sibling folder, then swaps it into place. What is at `path` is
     replaced only when it is an ic_jax checkpoint, or when `overwrite` is set."""
+    tree = jax.tree.map(np.asarray, {"top": top_params(model), "layers": layer_params(model)})
+    return save_params(path, model.cfg, tree, pattern=pattern, tokenizer_file=tokenizer_file, meta=meta,
+                       overwrite=overwrite)
+
+
+def save_params(path: str | Path, cfg: ModelConfig, tree: dict, *, pattern: str | None = None,
+                tokenizer_file: Path | None = None, meta: dict[str, Any] | None = None,
+                overwrite: bool = False) -> Path:
+    """`save_checkpoint` for a params tree {"top": ..., "layers": [...]} of host arrays (memory maps too)."""
     path = claim_output_dir(path, "--out", overwrite=overwrite).absolute()
     if pattern is not None:
-        check_pattern(pattern, model.cfg.num_hidden_layers)
+        check_pattern(pattern, cfg.num_hidden_layers)
     tmp = new_temp_dir(path)
     try:
-        tree = {"top": top_params(model), "layers": layer_params(model)}
-        ocp.PyTreeCheckpointer().save(tmp / "params", jax.tree.map(np.asarray, tree))
-        atomic_write_text(tmp / "config.json", json.dumps(model.cfg.to_dict(), indent=2))
+        ocp.PyTreeCheckpointer().save(tmp / "params", tree)
+        atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
         if pattern is not None:
             atomic_write_text(tmp / "pattern.json", json.dumps({"pattern": pattern}, indent=2))
         if tokenizer_file is not None:

@@ -3,6 +3,7 @@ config, as the model flags of `generate` and `jobs` say."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from flax import nnx
@@ -13,12 +14,15 @@ from ic_jax.model.dsa import DSAModel
 from ic_jax.model.pattern import parse_pattern
 from ic_jax.package_data import DEFAULT_CKPT
 from ic_jax.runtime.checkpoint import load_checkpoint
+from ic_jax.runtime.hf.config import is_hf_folder
+from ic_jax.runtime.hf.device import load_model as load_hf_model
 from ic_jax.runtime.sharding import init_sharded
 
 
 def load_model(a, mesh=None) -> tuple[DSAModel, Path | None]:
-    """The model and its checkpoint folder (flags --ckpt, --config, --init, --pattern, --seed); random params are
-    born sharded on `mesh`."""
+    """The model and its checkpoint folder (flags --ckpt, --config, --init, --pattern, --seed): an ic_jax checkpoint,
+    a Hugging Face folder (converted into device memory as it loads) or random weights; random and Hugging Face
+    params are born sharded on `mesh`."""
     if a.init:
         cfg = load_config(a.config)
         pattern = parse_pattern(a.pattern, cfg.num_hidden_layers)
@@ -30,5 +34,9 @@ def load_model(a, mesh=None) -> tuple[DSAModel, Path | None]:
     ckpt = a.ckpt or DEFAULT_CKPT
     if a.ckpt is None and not DEFAULT_CKPT.is_dir():
         raise UserError(f"no embedded model at {DEFAULT_CKPT}; pass --ckpt DIR or --config tiny --init random")
+    if is_hf_folder(ckpt):
+        if a.config:
+            raise UserError(f"--ckpt {ckpt} is a Hugging Face folder, whose config.json is used; drop --config")
+        return load_hf_model(ckpt, a.pattern, mesh, progress=sys.stderr.isatty()), ckpt
     cfg = load_config(a.config) if a.config else None
     return load_checkpoint(ckpt, a.pattern, cfg), ckpt

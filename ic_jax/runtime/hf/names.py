@@ -22,7 +22,6 @@ class Tensor:
     shape: tuple[int, ...]  # upstream shape
     target: tuple[int, ...]  # ic_jax shape (of one expert's slice for routed experts)
     linear: bool  # [out, in] upstream: transposed
-    fp32: bool  # kept in fp32 (norms, router, indexer head weights)
     expert: int | None = None  # the routed expert this is the slice of
 
     def to_ic(self, w: np.ndarray) -> np.ndarray:
@@ -33,19 +32,19 @@ class Tensor:
         return p.reshape(self.shape[::-1]).T if self.linear else p.reshape(self.shape)
 
 
-def linear(name, path, out_shape, in_shape, fp32=False, expert=None) -> Tensor:
+def linear(name, path, out_shape, in_shape, expert=None) -> Tensor:
     """An upstream [prod(out), prod(in)] weight held as ic_jax [*in, *out]."""
     shape = (int(np.prod(out_shape)), int(np.prod(in_shape)))
-    return Tensor(name, path, shape, tuple(in_shape) + tuple(out_shape), True, fp32, expert)
+    return Tensor(name, path, shape, tuple(in_shape) + tuple(out_shape), True, expert)
 
 
-def vector(name, path, n, fp32=True) -> Tensor:
-    return Tensor(name, path, (n,), (n,), False, fp32)
+def vector(name, path, n) -> Tensor:
+    return Tensor(name, path, (n,), (n,), False)
 
 
 def top_tensors(cfg: ModelConfig) -> list[Tensor]:
     V, D = cfg.vocab_size, cfg.hidden_size
-    return [Tensor("model.embed_tokens.weight", ("embed",), (V, D), (V, D), False, False),
+    return [Tensor("model.embed_tokens.weight", ("embed",), (V, D), (V, D), False),
             vector("model.norm.weight", ("final_norm", "scale"), D),
             linear("lm_head.weight", ("lm_head",), (V,), (D,))]
 
@@ -73,12 +72,12 @@ def layer_tensors(cfg: ModelConfig, layer: int, indexer: bool) -> list[Tensor]:
                 linear(i + "wk.weight", ("indexer", "wk"), (DI,), (D,)),
                 vector(i + "k_norm.weight", ("indexer", "k_norm", "scale"), DI),
                 vector(i + "k_norm.bias", ("indexer", "k_norm", "bias"), DI),
-                linear(i + "weights_proj.weight", ("indexer", "w_heads"), (HI,), (D,), fp32=True)]
+                linear(i + "weights_proj.weight", ("indexer", "w_heads"), (HI,), (D,))]
     m = p + "mlp."
     if not cfg.is_moe(layer):
         return out + swiglu(m, ("ffn",), D, cfg.intermediate_size)
     E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
-    out += [linear(m + "gate.weight", ("ffn", "router"), (E,), (D,), fp32=True),
+    out += [linear(m + "gate.weight", ("ffn", "router"), (E,), (D,)),
             vector(m + "gate.e_score_correction_bias", ("ffn", "router_bias"), E)]
     for e in range(E):
         out += swiglu(f"{m}experts.{e}.", ("ffn",), D, F, expert=e)
@@ -102,26 +101,6 @@ def layer_of(name: str) -> int | None:
 def has_indexer(names, layer: int) -> bool:
     prefix = f"model.layers.{layer}.self_attn.indexer."
     return any(n.startswith(prefix) for n in names)
-
-
-def assemble(tensors: list[Tensor], arrays: list[np.ndarray]) -> dict:
-    """The nested ic_jax tree from converted arrays (routed experts stacked in expert order)."""
-    tree: dict = {}
-    experts: dict[tuple, list] = {}
-    for t, a in zip(tensors, arrays):
-        if t.expert is not None:
-            experts.setdefault(t.path, []).append(a)
-        else:
-            set_path(tree, t.path, a)
-    for path, parts in experts.items():
-        set_path(tree, path, np.stack(parts))
-    return tree
-
-
-def set_path(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def get_path(tree: dict, path: tuple[str, ...]):

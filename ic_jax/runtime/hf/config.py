@@ -33,6 +33,15 @@ class HFCheckpoint:
     raw: dict  # config.json as read (export writes it back with the pattern)
 
 
+def is_hf_folder(folder: Path) -> bool:
+    """A Hugging Face model folder: its config.json names `architectures` (an ic_jax checkpoint's does not)."""
+    try:
+        d = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "architectures" in d
+
+
 def read_hf_config(folder: Path, dtype: str | None = None) -> HFCheckpoint:
     path = Path(folder) / "config.json"
     try:
