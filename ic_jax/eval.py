@@ -7,11 +7,13 @@ Each --patterns entry is evaluated on the --ckpt weights; each --extra-ckpt (a d
 under its own pattern.json. Retrieval (see `ic_jax.calibration.data`): a table of keys and 4-digit values at the start,
 real code as filler, the lookup at the end; a sample counts as right when greedy (argmax) prediction gets
 every digit of the value, and answer_nll is the mean loss of those digits (chance: ln 10). All rows run
-through one compiled program per sequence length (`ic_jax.calibration.reuse`).
+through one compiled program per sequence length (`ic_jax.calibration.reuse`); with --mesh the params are sharded
+and each --batch splits over the data axis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -29,12 +31,24 @@ from ic_jax.calibration.data import (
     retrieval_set,
 )
 from ic_jax.calibration.reuse import ReuseEvaluator
-from ic_jax.cli import ArgumentParser, add_impl_argument, entry, positive_int
+from ic_jax.cli import (
+    ArgumentParser,
+    add_impl_argument,
+    add_mesh_arguments,
+    entry,
+    positive_int,
+)
 from ic_jax.files import atomic_write_text, check_output_file
 from ic_jax.model.config import check_context
 from ic_jax.model.pattern import parse_pattern
 from ic_jax.model.run_options import RunOptions
-from ic_jax.runtime.checkpoint import default_pattern, load_checkpoint, read_config, trained_seq_len
+from ic_jax.runtime.checkpoint import (
+    default_pattern,
+    load_checkpoint,
+    read_config,
+    trained_seq_len,
+)
+from ic_jax.runtime.sharding import check_data_split, mesh_from_args, shard_model
 
 
 def retrieval_scores(ev: ReuseEvaluator, own, tokens: np.ndarray, starts: np.ndarray) -> tuple[float, float]:
@@ -75,6 +89,7 @@ def main(argv=None) -> int:
     add_impl_argument(p)
     p.add_argument("--out", help="also write the table as JSON here")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    add_mesh_arguments(p)
     a = p.parse_args(argv)
     if not a.patterns and not a.extra_ckpt:
         p.error("nothing to evaluate: give --patterns and/or --extra-ckpt")
@@ -83,6 +98,8 @@ def main(argv=None) -> int:
         p.error(f"argument --lengths: {short[0]} is too short for a key-value lookup; use at least "
                 f"{MIN_RETRIEVAL_LENGTH}")
     out = check_output_file(a.out, "--out") if a.out else None
+    mesh = mesh_from_args(a)
+    check_data_split(a.batch, mesh, "--batch")
     cfg = read_config(a.ckpt)
     n = cfg.num_hidden_layers
     rows = [(spec, a.ckpt, parse_pattern(spec, n)) for spec in a.patterns]
@@ -99,8 +116,13 @@ def main(argv=None) -> int:
     held = load_split(a.data, 0.05)[1] if a.data == DEFAULT_DATA else Corpus(resolve_files(a.data))
     heldout = held.windows(np.random.default_rng(99), a.seqs, seq_len)
     retrieval = {length: retrieval_set(held, a.retrieval_n, length, seed=length) for length in lengths}
-    opts = RunOptions.for_impl(a.impl)
-    evaluators = {ckpt: ReuseEvaluator(load_checkpoint(ckpt, "F" * c.num_hidden_layers), a.batch, opts)
+    opts = dataclasses.replace(RunOptions.for_impl(a.impl), mesh=mesh)
+
+    def load(ckpt, cfg):
+        model = load_checkpoint(ckpt, "F" * cfg.num_hidden_layers)
+        return model if mesh is None else shard_model(model, mesh)
+
+    evaluators = {ckpt: ReuseEvaluator(load(ckpt, c), a.batch, opts)
                   for ckpt, c in zip([a.ckpt, *a.extra_ckpt], configs)}
     table = []
     for label, ckpt, pattern in tqdm(rows, desc="eval", file=sys.stderr, dynamic_ncols=True):

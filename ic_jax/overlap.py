@@ -4,7 +4,9 @@
 
 T_i is the set layer i's own indexer selects (the model runs all F). Only tokens with at least k visible
 keys count (earlier tokens select everything they see, in every layer). Writes OUT.json and a heatmap
-OUT.png; with --pattern, the pattern's groups (an F layer and the S layers it serves) are boxed.
+OUT.png; with --pattern, the pattern's groups (an F layer and the S layers it serves) are boxed. With --mesh the
+params are sharded and each --batch splits over the data axis (the train-mode forward is dense XLA, partitioned to
+follow the params).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from ic_jax.calibration.data import DEFAULT_DATA, calibration_windows
 from ic_jax.calibration.plots import overlap_heatmap
-from ic_jax.cli import ArgumentParser, entry, positive_int
+from ic_jax.cli import ArgumentParser, add_mesh_arguments, entry, positive_int
 from ic_jax.errors import UserError
 from ic_jax.files import atomic_write_text, check_output_file
 from ic_jax.model.attention import selection_mask
@@ -30,6 +32,12 @@ from ic_jax.model.config import check_context
 from ic_jax.model.pattern import parse_pattern
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.checkpoint import load_checkpoint, read_config, trained_seq_len
+from ic_jax.runtime.sharding import (
+    check_data_split,
+    mesh_from_args,
+    put_batch,
+    shard_model,
+)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -42,13 +50,15 @@ def overlap_counts(graphdef, params, tokens):
     return jnp.einsum("ibts,jbts->ij", masks, masks), masks.shape[1] * masks.shape[2]
 
 
-def overlap_matrix(model, tokens: np.ndarray, batch: int) -> np.ndarray:
+def overlap_matrix(model, tokens: np.ndarray, batch: int, mesh=None) -> np.ndarray:
+    """The overlap matrix over `tokens`, `batch` sequences per forward (split over "data" on `mesh`, where the
+    params lie)."""
     if tokens.shape[1] < model.cfg.index_topk:
         raise UserError(f"sequences of {tokens.shape[1]} tokens never reach k = {model.cfg.index_topk} visible keys")
     graphdef, params = nnx.split(model)
     total, count = 0.0, 0
     for i in tqdm(range(0, len(tokens), batch), desc="overlap", file=sys.stderr, dynamic_ncols=True):
-        s, c = overlap_counts(graphdef, params, jnp.asarray(tokens[i:i + batch]))
+        s, c = overlap_counts(graphdef, params, put_batch(tokens[i:i + batch], mesh))
         total, count = total + np.asarray(s), count + int(c)
     return total / (count * model.cfg.index_topk)
 
@@ -64,18 +74,24 @@ def main(argv=None) -> int:
     p.add_argument("--pattern", help="a pattern to draw on the heatmap (any --pattern spelling)")
     p.add_argument("--out", default="overlap", help="output stem: writes OUT.json and OUT.png (default overlap)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_mesh_arguments(p)
     a = p.parse_args(argv)
     out = Path(a.out)
     for suffix in (".json", ".png"):
         check_output_file(out.with_suffix(suffix), "--out")
+    mesh = mesh_from_args(a)
+    check_data_split(a.batch, mesh, "--batch")
+    check_data_split(a.seqs, mesh, "--seqs")  # the last batch holds what is left of them
     cfg = read_config(a.ckpt)
     n = cfg.num_hidden_layers
     pattern = parse_pattern(a.pattern, n) if a.pattern else None
     seq_len = a.seq_len or trained_seq_len(a.ckpt)
     check_context(seq_len, cfg, "--seq-len")
     model = load_checkpoint(a.ckpt, "F" * n)
+    if mesh is not None:
+        shard_model(model, mesh)
     tokens = calibration_windows(a.data, a.seqs, seq_len, 0.05)
-    m = overlap_matrix(model, tokens, a.batch)
+    m = overlap_matrix(model, tokens, a.batch, mesh)
     adjacent = float(np.mean(np.diag(m, 1))) if n > 1 else 1.0
     result = {"ckpt": a.ckpt, "layers": n, "k": model.cfg.index_topk, "seq_len": tokens.shape[1],
               "seqs": len(tokens), "adjacent_mean": round(adjacent, 4), "pattern": pattern,

@@ -12,7 +12,8 @@ Speed: a pattern is a compiled structure (one scan per run of identical layer gr
 hundreds of candidates through their own models costs hundreds of compilations. Instead every candidate
 runs on one program (`ic_jax.calibration.reuse`): the all-F model with the pattern as a runtime boolean array, the
 calibration batches mapped inside it and `--chunk` candidates stacked per call. So the search compiles
-once; `--measure-compile` also times one compilation of a real pattern model for comparison (reported).
+once; `--measure-compile` also times one compilation of a real pattern model for comparison (reported). With
+--mesh the params are sharded and each --batch splits over the data axis.
 
 Greedy selection is incremental: the state file (written atomically after every step) holds the whole
 trajectory, so a killed search continues where it stopped, and a search for a smaller keep continues the
@@ -23,6 +24,7 @@ number of S layers is written beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -37,7 +39,14 @@ from ic_jax.calibration.data import DEFAULT_DATA, calibration_windows
 from ic_jax.calibration.losses import lm_loss
 from ic_jax.calibration.plots import curves
 from ic_jax.calibration.reuse import ReuseEvaluator
-from ic_jax.cli import ArgumentParser, add_impl_argument, entry, fraction, positive_int
+from ic_jax.cli import (
+    ArgumentParser,
+    add_impl_argument,
+    add_mesh_arguments,
+    entry,
+    fraction,
+    positive_int,
+)
 from ic_jax.errors import UserError
 from ic_jax.files import atomic_write_text, check_output_file, read_json
 from ic_jax.model.config import check_context
@@ -45,6 +54,7 @@ from ic_jax.model.dsa import repattern
 from ic_jax.model.pattern import keep_pattern
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.checkpoint import load_checkpoint, read_config, trained_seq_len
+from ic_jax.runtime.sharding import check_data_split, mesh_from_args, shard_model
 
 
 def flags(pattern: str) -> list[bool]:
@@ -113,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--measure-compile", action="store_true",
                    help="also time one compilation of a real pattern model, for comparison")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_mesh_arguments(p)
     a = p.parse_args(argv)
     cfg = read_config(a.ckpt)
     n = cfg.num_hidden_layers
@@ -127,6 +138,8 @@ def main(argv=None) -> int:
     out = check_output_file(a.out or f"search_keep{a.keep}.json", "--out")
     check_output_file(out.with_suffix(".png"), "--out")
     state_path = check_output_file(a.state or out.parent / "search.state.json", "--state")
+    mesh = mesh_from_args(a)
+    check_data_split(a.batch, mesh, "--batch")
     seq_len = a.seq_len or trained_seq_len(a.ckpt)
     check_context(seq_len, cfg, "--seq-len")
     tokens = calibration_windows(a.calib, a.calib_seqs, seq_len, a.heldout_frac)
@@ -138,7 +151,9 @@ def main(argv=None) -> int:
         raise UserError(f"state file {state_path} belongs to another search ({state['settings']}); "
                         f"pass --state or delete it")
     model = load_checkpoint(a.ckpt, "F" * n)
-    opts = RunOptions.for_impl(a.impl)
+    if mesh is not None:
+        shard_model(model, mesh)
+    opts = dataclasses.replace(RunOptions.for_impl(a.impl), mesh=mesh)
     ev = ReuseEvaluator(model, a.batch, opts)
     if state is None:
         t = time.perf_counter()

@@ -91,6 +91,12 @@ def peak_bytes() -> int | None:
     return max(peaks) if peaks else None
 
 
+def peak_text(row: dict) -> str:
+    """A row's peak memory per device in GB (10^9 bytes, as `python -m ic_jax.plan` prints), "-" where unknown."""
+    peak = row["peak_bytes_per_device"]
+    return "-" if peak is None else f"{peak / 1e9:.2f}"
+
+
 def mesh_json(mesh: Mesh | None) -> dict[str, int] | None:
     """The mesh's axis sizes, as the JSON headers of the benchmarks record it (None: no mesh)."""
     return dict(mesh.shape) if mesh is not None else None
@@ -198,10 +204,9 @@ def main(argv=None) -> int:
     for r in rows:
         ref = PAPER.get(r["context"])
         paper = f"{ref[0]}/{ref[1]} s, {ref[2]}/{ref[3]}" if ref else "-"
-        peak = "-" if r["peak_bytes_per_device"] is None else f"{r['peak_bytes_per_device'] / 1e9:.2f}"
         print(f"{r['context']:>8} {r['indexers']:>5}/{cfg.num_hidden_layers:<3} {r['prefill_s']:>10.3f} "
-              f"{r['prefill_speedup']:>7.2f}x {r['decode_tok_s']:>13.1f} {r['decode_speedup']:>7.2f}x {peak:>11} "
-              f"| {paper}")
+              f"{r['prefill_speedup']:>7.2f}x {r['decode_tok_s']:>13.1f} {r['decode_speedup']:>7.2f}x "
+              f"{peak_text(r):>11} | {paper}")
     return 0
 
 

@@ -31,6 +31,7 @@ from ic_jax.bench.e2e import (
     mesh_json,
     model_config,
     peak_bytes,
+    peak_text,
     random_model,
 )
 from ic_jax.bench.flags import one_size
@@ -200,10 +201,10 @@ def main(argv=None) -> int:
     print(f"\n{cfg.num_hidden_layers} layers, {device}, jax {jax.__version__}, impl {opts.implementation or 'auto'}, "
           f"batch {a.batch}, context {a.context}, {what}, indexer {'fp8' if cfg.indexer_fp8 else 'bf16'}, "
           f"mesh {a.mesh or 'none'}")
-    print(f"{'pattern':>10} {'indexers':>9} {'ms/step':>9} {'tok/s':>9} {'speedup':>8}")
+    print(f"{'pattern':>10} {'indexers':>9} {'ms/step':>9} {'tok/s':>9} {'speedup':>8} {'peak GB/dev':>11}")
     for r in rows:
         print(f"{r['spec'][:10]:>10} {r['indexers']:>5}/{cfg.num_hidden_layers:<3} {r['ms_per_step']:9.2f} "
-              f"{r['tok_s']:9.1f} {r['speedup']:7.2f}x")
+              f"{r['tok_s']:9.1f} {r['speedup']:7.2f}x {peak_text(r):>11}")
     if a.profile:
         for r in rows:
             print_profile(r)

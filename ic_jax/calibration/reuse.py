@@ -7,7 +7,8 @@ where own[i], else it keeps the indices carried from the last layer that did. Se
 held-out report use it.
 
 Calibration batches are mapped inside the jitted program, and several patterns are stacked into one call
-(`mean_losses`), so a greedy-search step is a few dispatches of one program.
+(`mean_losses`), so a greedy-search step is a few dispatches of one program. With a mesh (`RunOptions.mesh`, the
+params already placed on it) every batch splits over "data" and the ops run per shard.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ic_jax.calibration.losses import token_losses
 from ic_jax.model.dsa import DSAModel, repattern
 from ic_jax.model.run_options import RunOptions
+from ic_jax.runtime.sharding import put_batch
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -34,7 +37,10 @@ def _run(graphdef, opts, params, batches, own):
         return token_losses(logits, tokens), jnp.argmax(logits, -1)
 
     losses, argmax = jax.lax.map(one, batches)
-    return losses.reshape(-1, losses.shape[-1]), argmax.reshape(-1, argmax.shape[-1])
+    out = losses.reshape(-1, losses.shape[-1]), argmax.reshape(-1, argmax.shape[-1])
+    if opts.mesh is not None:  # whole on every device, so that every process can read it
+        out = jax.lax.with_sharding_constraint(out, NamedSharding(opts.mesh, PartitionSpec()))
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -52,7 +58,7 @@ def checked_flags(own) -> np.ndarray:
 
 class ReuseEvaluator:
     """Per-token losses and argmaxes of one all-F model under runtime patterns, `batch` sequences at a time.
-    Models of one config share the compiled programs."""
+    Models of one config share the compiled programs. Under `opts.mesh` the batch must split over "data"."""
 
     def __init__(self, model: DSAModel, batch: int = 8, opts: RunOptions | None = None):
         if "S" in model.pattern:
@@ -60,12 +66,15 @@ class ReuseEvaluator:
         self.graphdef, self.params = nnx.split(model)
         self.batch = batch
         self.opts = opts or RunOptions()
+        if self.opts.mesh is not None and batch % self.opts.mesh.shape["data"]:
+            raise ValueError(f"a batch of {batch} does not split over the {self.opts.mesh.shape['data']} devices "
+                             f"of the data axis")
 
     def _batched(self, tokens):
         tokens = np.asarray(tokens, np.int32)
         pad = -len(tokens) % self.batch
         tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, 0)])
-        return jnp.asarray(tokens.reshape(-1, self.batch, tokens.shape[-1])), len(tokens) - pad
+        return put_batch(tokens.reshape(-1, self.batch, tokens.shape[-1]), self.opts.mesh, axis=1), len(tokens) - pad
 
     def run(self, own, tokens):
         batches, n = self._batched(tokens)

@@ -144,3 +144,14 @@ def check_data_split(n: int, mesh: Mesh | None, what: str) -> None:
     if n % data:
         raise UserError(f"{what} {n} does not split over the {data} devices of the data axis of --mesh; give a "
                         f"multiple of {data} or a --mesh with another data size")
+
+
+def put_batch(rows: np.ndarray, mesh: Mesh | None, axis: int = 0, rules=RULES) -> jax.Array:
+    """A host array on the mesh with its batch `axis` split over the batch's mesh axis (the other axes whole): each
+    device takes only its rows, so every process of a multi-host job passes the same array. Without a mesh, on the
+    default device."""
+    if mesh is None:
+        return jax.device_put(rows)
+    spec = [None] * rows.ndim
+    spec[axis] = rules["batch"]
+    return jax.make_array_from_callback(rows.shape, NamedSharding(mesh, PartitionSpec(*spec)), lambda i: rows[i])
