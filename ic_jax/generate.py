@@ -38,7 +38,7 @@ from ic_jax.runtime.engine import Engine
 from ic_jax.runtime.loading import load_model
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
-from ic_jax.runtime.sharding import mesh_from_args, shard_model
+from ic_jax.runtime.sharding import mesh_from_args
 from ic_jax.runtime.tokenizer import load_chat_template, load_tokenizer
 
 PATTERN_HELP = """IndexCache pattern, one of: an F/S string per layer (FSFSSS...); a shorter motif repeated
@@ -121,8 +121,6 @@ def main(argv=None) -> int:
     if longest + a.max_new_tokens > cfg.max_position_embeddings:
         raise UserError(f"prompt of {longest} tokens + {a.max_new_tokens} new tokens exceeds max_position_embeddings "
                         f"= {cfg.max_position_embeddings}; shorten the prompt or lower --max-new-tokens")
-    if mesh is not None:
-        shard_model(model, mesh)
     check_fits(model, mesh, len(ids), longest + a.max_new_tokens, a.chunk_size or longest, opts,
                "lower --chunk-size, --max-new-tokens or the number of prompts, or shard over more devices (--mesh)")
     engine = Engine(model, opts, mesh)

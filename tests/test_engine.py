@@ -3,12 +3,15 @@
 The prefill/decode tests run with the XLA ops and with each Pallas backend's kernels in interpret mode;
 the reference is always the XLA full forward pass."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from ic_jax.model.cache import IndexedLayerCache
 from ic_jax.model.config import load_config
 from ic_jax.model.dsa import DSAModel, repattern
 from ic_jax.model.run_options import RunOptions
@@ -63,16 +66,16 @@ def test_fp8_key_cache_decode_equals_full_forward(impl):
     engine = Engine(model, IMPLS[impl])
     logits, cache, lengths = engine.prefill([s[:n] for s, n in zip(seqs, prompt_lens)], max(prompt_lens) + steps,
                                             chunk_size=3)
-    f_caches = [c for stage in cache for c in stage if "index_k" in c]
-    assert sum(c["index_k8"].shape[0] for c in f_caches) == 2  # both F layers have an FP8 copy, S layers none
+    f_caches = [c for stage in cache for c in stage if isinstance(c, IndexedLayerCache)]
+    assert sum(c.index_k8.shape[0] for c in f_caches) == 2  # both F layers have an FP8 copy, S layers none
     for f_layer in f_caches:  # the FP8 copy is the quantized bf16 cache, entry for entry
-        k8, k_scale = quantize_fp8(f_layer["index_k"])
-        assert f_layer["index_k8"].dtype == jnp.float8_e4m3fn
-        np.testing.assert_array_equal(np.asarray(f_layer["index_k8"], np.float32), np.asarray(k8, np.float32))
-        np.testing.assert_array_equal(np.asarray(f_layer["index_k_scale"][..., 0]), np.asarray(k_scale))
+        k8, k_scale = quantize_fp8(f_layer.index_k)
+        assert f_layer.index_k8.dtype == jnp.float8_e4m3fn
+        np.testing.assert_array_equal(np.asarray(f_layer.index_k8, np.float32), np.asarray(k8, np.float32))
+        np.testing.assert_array_equal(np.asarray(f_layer.index_k_scale[..., 0]), np.asarray(k_scale))
     # top-k reads the FP8 copy alone: zeroing the bf16 keys changes nothing below
-    cache = [[dict(c, index_k=jnp.zeros_like(c["index_k"])) if "index_k" in c else c for c in stage]
-             for stage in cache]
+    cache = [[dataclasses.replace(c, index_k=jnp.zeros_like(c.index_k)) if isinstance(c, IndexedLayerCache) else c
+              for c in stage] for stage in cache]
     refs = [full_logits(model, s) for s in seqs]
     for i in range(steps):
         for b, n in enumerate(prompt_lens):

@@ -7,6 +7,7 @@ import jax
 import pytest
 from flax import nnx
 
+from ic_jax.model.cache import IndexedLayerCache
 from ic_jax.model.config import load_config
 from ic_jax.model.dsa import DSAModel
 from ic_jax.model.pattern import parse_pattern
@@ -78,8 +79,8 @@ def test_shared_layers_hold_no_indexer(name, spec):
     n_index_k = 0
     for stage, c in zip(shared.stage_specs, cache):
         for kind, entry in zip(stage.kinds, c):
-            assert ("index_k" in entry) == kind.full
-            n_index_k += stage.repeats * ("index_k" in entry)
+            assert isinstance(entry, IndexedLayerCache) == kind.full
+            n_index_k += stage.repeats * isinstance(entry, IndexedLayerCache)
     assert n_index_k == pattern.count("F")
 
 

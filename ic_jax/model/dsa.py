@@ -23,14 +23,12 @@ from jaxtyping import Array, Float, Int
 
 from ic_jax import ops
 from ic_jax.model.attention import MLA, Indexer, dense_attention, select_topk, sparse_attention
+from ic_jax.model.cache import Cache, LayerCache, init_cache, max_positions
 from ic_jax.model.config import ModelConfig
 from ic_jax.model.layers import DenseFFN, MoE, RMSNorm, dtype_of, param
 from ic_jax.model.pattern import LayerKind, Stage, build_stages
 from ic_jax.model.run_options import RunOptions
 from ic_jax.ops.indexer_logits.reference import quantize_fp8
-
-Cache = list  # per stage, per group position: {"kv", "k_rope"[, "index_k"[, "index_k8", "index_k_scale"]]},
-#   each [repeats, B, T_max, dim]; the last two (F layers with indexer_fp8) hold the keys in e4m3 with a scale each
 
 
 class Output(NamedTuple):
@@ -42,12 +40,6 @@ class Output(NamedTuple):
 
 def moe_layers(cfg: ModelConfig) -> list[bool]:
     return [cfg.is_moe(i) for i in range(cfg.num_hidden_layers)]
-
-
-def write_cache(cache: Array, layer, new: Array, positions: Int[Array, "B T"]) -> Array:
-    """Writes new [B, T, X] into cache [R, B, T_max, X] at (layer, b, positions[b, t]); out-of-range is dropped."""
-    b = jnp.arange(new.shape[0])[:, None]
-    return cache.at[layer, b, positions].set(new.astype(cache.dtype), mode="drop")
 
 
 class Block(nnx.Module):
@@ -64,7 +56,7 @@ class Block(nnx.Module):
                     else DenseFFN(cfg.hidden_size, cfg.intermediate_size, dtype_of(cfg), rngs, stack, out_std))
 
     def __call__(self, x: Float[Array, "B T D"], positions: Int[Array, "B T"], kv_len: Int[Array, "B"],
-                 cache: dict, layer, indices: Int[Array, "B T K"], opts: RunOptions, own: Array | None = None,
+                 cache: LayerCache, layer, indices: Int[Array, "B T K"], opts: RunOptions, own: Array | None = None,
                  experts: tuple | None = None):
         """Returns (x, cache, indices, aux). An F block selects its own top-k, unless the traced runtime flag
         `own` is given and False: then it keeps the carried `indices` (see the module docstring).
@@ -75,34 +67,31 @@ class Block(nnx.Module):
         h = self.attn_norm(x)
         cq, q_lat, q_rope = self.attn.queries(h, positions)
         c_kv, k_rope = self.attn.latents(h, positions)
-        cache = dict(cache, kv=write_cache(cache["kv"], layer, c_kv, positions),
-                     k_rope=write_cache(cache["k_rope"], layer, k_rope, positions))
+        cache = cache.written(layer, positions, kv=c_kv, k_rope=k_rope)
         train, aux = opts.mode == "train", {}
         if self.indexer is not None:
             with jax.named_scope("indexer"):
                 h_i, cq_i = jax.lax.stop_gradient((h, cq))  # the indexer learns only from its own loss
                 new_keys = self.indexer.keys(h_i, positions)
-                keys = write_cache(cache["index_k"], layer, new_keys, positions)
-                cache["index_k"] = keys
+                cache = cache.written(layer, positions, index_k=new_keys)
                 q_idx, w_idx = self.indexer.queries(h_i, cq_i, positions)
                 if cfg.indexer_fp8:  # keys are quantized once, as they enter the cache
                     k8, k_scale = quantize_fp8(jax.lax.stop_gradient(new_keys), cfg.scale_fmt == "ue8m0")
-                    cache["index_k8"] = write_cache(cache["index_k8"], layer, k8, positions)
-                    cache["index_k_scale"] = write_cache(cache["index_k_scale"], layer, k_scale[..., None], positions)
-                    selected = select_topk(q_idx, cache["index_k8"], w_idx, positions, kv_len, cfg.index_topk, opts,
-                                           layer, k_scale=cache["index_k_scale"][..., 0], scale_fmt=cfg.scale_fmt)
+                    cache = cache.written(layer, positions, index_k8=k8, index_k_scale=k_scale[..., None])
+                    selected = select_topk(q_idx, cache.index_k8, w_idx, positions, kv_len, cfg.index_topk, opts,
+                                           layer, k_scale=cache.index_k_scale[..., 0], scale_fmt=cfg.scale_fmt)
                 else:
-                    selected = select_topk(q_idx, keys, w_idx, positions, kv_len, cfg.index_topk, opts, layer)
+                    selected = select_topk(q_idx, cache.index_k, w_idx, positions, kv_len, cfg.index_topk, opts,
+                                           layer)
                 indices = selected if own is None else jnp.where(own, selected, indices)
                 if train:  # the KL loss differentiates these: bf16 even with cfg.indexer_fp8
-                    aux["logits"] = ops.indexer_logits(q_idx, keys[layer], w_idx, positions, kv_len,
+                    aux["logits"] = ops.indexer_logits(q_idx, cache.index_k[layer], w_idx, positions, kv_len,
                                                        implementation="xla")
         if train:
-            o_lat, aux["attn"] = dense_attention(q_lat, q_rope, cache["kv"][layer], cache["k_rope"][layer],
-                                                 indices, cfg)
+            o_lat, aux["attn"] = dense_attention(q_lat, q_rope, cache.kv[layer], cache.k_rope[layer], indices, cfg)
             aux["indices"] = indices
         else:
-            o_lat = sparse_attention(q_lat, q_rope, cache["kv"], cache["k_rope"], layer, indices, cfg, opts)
+            o_lat = sparse_attention(q_lat, q_rope, cache.kv, cache.k_rope, layer, indices, cfg, opts)
         x = x + self.attn.output(o_lat)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
@@ -120,7 +109,7 @@ class LayerGroup(nnx.Module):
         self.stage = stage
         self.blocks = nnx.List([Block(cfg, kind, rngs, stack=(stage.repeats,)) for kind in stage.kinds])
 
-    def run(self, x, positions, kv_len, caches: list[dict], indices, opts: RunOptions, own: Array | None = None):
+    def run(self, x, positions, kv_len, caches: list[LayerCache], indices, opts: RunOptions, own: Array | None = None):
         """Scans the group; `indices` (the last F layer's top-k before this stage) flow through it.
         `own`: the runtime flags of all layers (see the module docstring), or None."""
         graphdef, params = nnx.split(self)
@@ -169,7 +158,7 @@ class DSAModel(nnx.Module):
         if own is not None:
             own = self._checked_flags(own)
         x = self.embed[...][tokens]
-        t_max = cache[0][0]["kv"].shape[2]
+        t_max = max_positions(cache)
         kv_len = jnp.minimum(jnp.max(positions, axis=1) + 1, t_max).astype(jnp.int32)
         new_cache, aux = [], [None] * self.cfg.num_hidden_layers
         indices = jnp.full((*tokens.shape, self.cfg.index_topk), -1, jnp.int32)  # layer 0 is F: never read
@@ -203,22 +192,6 @@ class DSAModel(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         h, _, aux = self(tokens, positions, self.init_cache(B, T), opts, own)
         return Output(self.logits(h), aux)
-
-
-def init_cache(cfg: ModelConfig, stages: tuple[Stage, ...], batch: int, max_len: int) -> Cache:
-    dt = dtype_of(cfg)
-
-    def layer_cache(kind: LayerKind, reps: int) -> dict:
-        c = {"kv": jnp.zeros((reps, batch, max_len, cfg.kv_lora_rank), dt),
-             "k_rope": jnp.zeros((reps, batch, max_len, cfg.qk_rope_head_dim), dt)}
-        if kind.full:
-            c["index_k"] = jnp.zeros((reps, batch, max_len, cfg.index_head_dim), dt)
-        if kind.full and cfg.indexer_fp8:  # the FP8 copy that top-k selection reads (the KL loss reads index_k)
-            c["index_k8"] = jnp.zeros((reps, batch, max_len, cfg.index_head_dim), jnp.float8_e4m3fn)
-            c["index_k_scale"] = jnp.ones((reps, batch, max_len, 1), jnp.float32)
-        return c
-
-    return [[layer_cache(k, s.repeats) for k in s.kinds] for s in stages]
 
 
 # Re-patterning: a checkpoint stores the all-F layout; any pattern is built from its per-layer params.

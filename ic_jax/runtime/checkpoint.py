@@ -28,12 +28,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from ic_jax.errors import UserError
 from ic_jax.files import atomic_write_text, claim_output_dir, new_temp_dir, publish_dir, read_json, remove_path
 from ic_jax.model.config import ModelConfig
-from ic_jax.model.dsa import DSAModel, build_model, layer_params, top_params
-from ic_jax.model.pattern import PatternError, check_pattern, load_pattern_file, parse_pattern
+from ic_jax.model.dsa import Block, DSAModel, build_model, layer_params, top_params
+from ic_jax.model.pattern import LayerKind, PatternError, check_pattern, load_pattern_file, parse_pattern
+from ic_jax.runtime.sharding import is_variable, shard_model, spec_for
 
 CHECKPOINT_FIX = "restore it from a copy or make the checkpoint again"
 
@@ -104,29 +107,35 @@ def default_pattern(path: str | Path) -> str | None:
         raise UserError(f"checkpoint {path}: pattern.json is not valid for it ({e})") from None
 
 
-def load_checkpoint(path: str | Path, pattern: str | None = None, cfg: ModelConfig | None = None) -> DSAModel:
+def load_checkpoint(path: str | Path, pattern: str | None = None, cfg: ModelConfig | None = None,
+                    mesh: Mesh | None = None) -> DSAModel:
     """Builds the model for `pattern` (any accepted spelling; default: the checkpoint's, else all F).
 
-    `cfg`, when given, must describe the same shapes as the checkpoint's own config.
+    `cfg`, when given, must describe the same shapes as the checkpoint's own config. With `mesh` every array is
+    read straight into its shards (each process reads what its devices hold) and the params come back placed by
+    `sharding.param_shardings`.
     """
     path = Path(path)
     saved_cfg = read_config(path)
     read_meta(path)  # not needed to build the model, but damage there means a damaged copy
     cfg = cfg or saved_cfg
     pattern = parse_pattern(pattern if pattern is not None else default_pattern(path), cfg.num_hidden_layers)
-    top, layers = read_params(path, saved_cfg)
+    top, layers = read_params(path, saved_cfg, mesh)
     if len(layers) != cfg.num_hidden_layers:
         raise UserError(f"config has {cfg.num_hidden_layers} layers but checkpoint {path} has {len(layers)}; "
                         f"use the checkpoint's own config")
     try:
-        return build_model(cfg, pattern, layers, top)
+        model = build_model(cfg, pattern, layers, top)
     except (ValueError, KeyError) as e:
         raise UserError(f"checkpoint {path} does not match the config: {e}") from None
+    return model if mesh is None else shard_model(model, mesh)  # stacking the layers kept their shards
 
 
-def read_params(path: Path, saved_cfg: ModelConfig) -> tuple[dict, list[dict]]:
-    """(top-level params, per-layer params) as saved: S layers of a converted checkpoint have no "indexer"."""
-    tree = restore_tree(path / "params", f"checkpoint {path}", CHECKPOINT_FIX)
+def read_params(path: Path, saved_cfg: ModelConfig, mesh: Mesh | None = None) -> tuple[dict, list[dict]]:
+    """(top-level params, per-layer params) as saved: S layers of a converted checkpoint have no "indexer".
+    With `mesh`, each array is read into its shards (`saved_shardings`)."""
+    placement = None if mesh is None else functools.partial(saved_shardings, saved_cfg, mesh)
+    tree = restore_tree(path / "params", f"checkpoint {path}", CHECKPOINT_FIX, placement)
     if not isinstance(tree, dict) or not {"top", "layers"} <= tree.keys():
         raise UserError(f"checkpoint {path}: params/ is not an ic_jax parameter tree (no top and layers); "
                         f"{CHECKPOINT_FIX}")
@@ -143,12 +152,47 @@ def read_params(path: Path, saved_cfg: ModelConfig) -> tuple[dict, list[dict]]:
 # reading orbax trees safely
 
 
-def restore_tree(directory: Path, owner: str, fix: str):
-    """The orbax PyTree saved at `directory`; `owner` names what it belongs to in the error."""
+def saved_shardings(cfg: ModelConfig, mesh: Mesh, saved):
+    """ArrayRestoreArgs for the saved param tree (its orbax metadata `saved`): each array's NamedSharding from its
+    logical axes, a layer's params as in a block of its kind without the stacking axis (an S layer of a converted
+    checkpoint has no indexer: the F kind names all it has)."""
+    def axes_by_path(module) -> dict[tuple, tuple[str, ...]]:
+        flat = jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.Param), is_leaf=is_variable)[0]
+        return {_plain(path): v.logical_axes for path, v in flat}
+
+    top = axes_by_path(nnx.eval_shape(lambda: DSAModel(cfg, "F" * cfg.num_hidden_layers, nnx.Rngs(0))))
+    block = {moe: axes_by_path(nnx.eval_shape(lambda moe=moe: Block(cfg, LayerKind(full=True, moe=moe), nnx.Rngs(0))))
+             for moe in (False, True)}
+
+    def restore_args(path, meta):
+        keys = _plain(path)
+        axes = top.get(keys[1:]) if keys[0] == "top" else block[cfg.is_moe(int(keys[1]))].get(keys[2:])
+        if axes is None or len(axes) != len(meta.shape):
+            raise UserError(f"params/{'/'.join(map(str, keys))} is not a parameter of this config; {CHECKPOINT_FIX}")
+        sharding = NamedSharding(mesh, spec_for(axes, tuple(meta.shape), mesh))
+        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(meta.shape))
+
+    return jax.tree_util.tree_map_with_path(restore_args, saved)
+
+
+def _plain(path) -> tuple:
+    """A jax key path as plain keys: names and indices."""
+    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+
+
+def restore_tree(directory: Path, owner: str, fix: str, placement=None):
+    """The orbax PyTree saved at `directory`; `owner` names what it belongs to in the error. `placement` (the saved
+    tree's metadata -> a tree of ArrayRestoreArgs), when given, says where each array is read to."""
     problem = tree_problem(directory)
     if problem is None:
+        checkpointer = ocp.PyTreeCheckpointer()
         try:
-            return ocp.PyTreeCheckpointer().restore(directory.absolute())
+            if placement is None:
+                return checkpointer.restore(directory.absolute())
+            args = placement(checkpointer.metadata(directory.absolute()).item_metadata.tree)
+            return checkpointer.restore(directory.absolute(), args=ocp.args.PyTreeRestore(restore_args=args))
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - any reader failure on checked files is damage we cannot name better
             problem = f"{directory.name}/ cannot be read ({_first_line(e)})"
     raise UserError(f"{owner}: {problem}; {fix}")

@@ -18,17 +18,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from ic_jax.model.cache import init_cache
 from ic_jax.model.dsa import DSAModel
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.sampling import Sampling, sample
-from ic_jax.runtime.sharding import cache_sharding
+from ic_jax.runtime.sharding import chunk_sharding, cache_batch, cache_shardings
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("cache",))
 def prefill_chunk(graphdef, params, tokens, positions, cache, last, opts: RunOptions):
     """Runs one chunk; returns the logits at row `last[b]` of each sequence, and the cache."""
     model = nnx.merge(graphdef, params)
+    if opts.mesh is not None:
+        placed = chunk_sharding(opts.mesh, *tokens.shape)
+        tokens, positions = (jax.lax.with_sharding_constraint(x, placed) for x in (tokens, positions))
     h, cache, _ = model(tokens, positions, cache, opts)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     return model.logits(h_last), cache
@@ -41,6 +46,11 @@ def decode_step(graphdef, params, token, position, cache, key, opts: RunOptions,
     h, cache, _ = model(token[:, None], position[:, None], cache, opts)
     logits = model.logits(h[:, 0])
     return sample(logits, key, sampling), logits, cache
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of `x` in this process, also where other processes hold some of its shards (multi-host)."""
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
 
 
 @dataclasses.dataclass
@@ -69,13 +79,19 @@ class Engine:
         self.graphdef, self.params = nnx.split(model)
 
     def new_cache(self, batch: int, max_len: int):
-        cache = self.model.init_cache(batch, max_len)
-        if self.mesh is not None and batch % self.mesh.shape["data"] == 0:
-            cache = jax.device_put(cache, cache_sharding(self.mesh))
-        return cache
+        """A zeroed cache; under a mesh born sharded (each device makes only its own shards), for a batch that splits
+        over the mesh (`sharding.cache_batch`)."""
+        build = functools.partial(init_cache, self.cfg, self.model.stage_specs, batch, max_len)
+        if self.mesh is None:
+            return build()
+        return jax.jit(build, out_shardings=cache_shardings(jax.eval_shape(build), self.mesh))()
 
     def prefill(self, prompts: list[list[int]], max_len: int, chunk_size: int | None = None):
-        """Returns (last-token logits [B, V], cache, lengths [B]). chunk_size None or 0 = one shot."""
+        """Returns (last-token logits [B, V], cache, lengths [B]). chunk_size None or 0 = one shot.
+
+        Under a mesh B is the batch the cache splits for (`sharding.cache_batch`): rows past len(prompts) are
+        one-token copies of the first prompt's first token, whose outputs the caller drops."""
+        prompts = list(prompts) + [prompts[0][:1]] * (cache_batch(len(prompts), self.mesh) - len(prompts))
         lengths = np.array([len(p) for p in prompts], np.int32)
         if lengths.min() < 1:
             raise ValueError("every prompt needs at least one token")
@@ -101,7 +117,8 @@ class Engine:
                  chunk_size: int | None = None, eos_id: int | None = None,
                  on_token: Callable[[np.ndarray], None] | None = None,
                  warmup: bool = False) -> tuple[list[list[int]], Stats]:
-        """Samples up to max_new_tokens per prompt; calls on_token with each step's tokens [B].
+        """Samples up to max_new_tokens per prompt (any number of prompts, see `prefill`); calls on_token with each
+        step's tokens [B].
 
         warmup: compile prefill and decode first, so that TTFT excludes compilation.
         """
@@ -122,7 +139,7 @@ class Engine:
         done = np.zeros(len(prompts), bool)
         t1 = None
         for step in range(max_new_tokens):
-            tok = np.asarray(token)
+            tok = to_host(token)[: len(prompts)]  # without the padding rows of `prefill`
             for b in np.flatnonzero(~done):
                 out[b].append(int(tok[b]))
             if on_token is not None:

@@ -21,8 +21,8 @@ from ic_jax.runtime.sharding import init_sharded
 
 def load_model(a, mesh=None) -> tuple[DSAModel, Path | None]:
     """The model and its checkpoint folder (flags --ckpt, --config, --init, --pattern, --seed): an ic_jax checkpoint,
-    a Hugging Face folder (converted into device memory as it loads) or random weights; random and Hugging Face
-    params are born sharded on `mesh`."""
+    a Hugging Face folder (converted into device memory as it loads) or random weights; params are born sharded on
+    `mesh`."""
     if a.init:
         cfg = load_config(a.config)
         pattern = parse_pattern(a.pattern, cfg.num_hidden_layers)
@@ -39,4 +39,4 @@ def load_model(a, mesh=None) -> tuple[DSAModel, Path | None]:
             raise UserError(f"--ckpt {ckpt} is a Hugging Face folder, whose config.json is used; drop --config")
         return load_hf_model(ckpt, a.pattern, mesh, progress=sys.stderr.isatty()), ckpt
     cfg = load_config(a.config) if a.config else None
-    return load_checkpoint(ckpt, a.pattern, cfg), ckpt
+    return load_checkpoint(ckpt, a.pattern, cfg, mesh=mesh), ckpt

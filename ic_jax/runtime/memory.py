@@ -18,7 +18,7 @@ from ic_jax.model.dsa import DSAModel
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.engine import decode_step, prefill_chunk
 from ic_jax.runtime.sampling import Sampling
-from ic_jax.runtime.sharding import cache_sharding, is_variable, param_shardings
+from ic_jax.runtime.sharding import cache_batch, cache_shardings, is_variable, param_shardings
 
 GIB = 2**30
 
@@ -92,14 +92,13 @@ def abstract_params(model: DSAModel, mesh: Mesh | None):
 
 
 def abstract_cache(model: DSAModel, batch: int, max_len: int, mesh: Mesh | None):
-    """The cache as ShapeDtypeStructs, placed as `Engine.new_cache` places it: the batch over "data" when it
-    divides, else whole on every device."""
-    cache = jax.eval_shape(lambda: model.init_cache(batch, max_len))
+    """The cache of `Engine.prefill` as ShapeDtypeStructs: for the batch padded to split over the mesh
+    (`cache_batch`), each buffer placed by `cache_shardings`."""
+    cache = jax.eval_shape(lambda: model.init_cache(cache_batch(batch, mesh), max_len))
     if mesh is None:
         return cache
-    sharding = (cache_sharding(mesh) if batch % mesh.shape["data"] == 0
-                else NamedSharding(mesh, PartitionSpec()))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), cache)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache,
+                        cache_shardings(cache, mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +126,9 @@ class Plan:
 def compiled_temps(model: DSAModel, mesh: Mesh | None, batch: int, context: int, chunk: int,
                    opts: RunOptions) -> tuple[int, int]:
     """Temporary bytes per device of the prefill chunk and the decode step, compiled ahead of time for abstract
-    params and caches (on the devices of `mesh`, or the default device)."""
+    params and caches (on the devices of `mesh`, or the default device), the batch padded as `Engine.prefill`
+    pads it."""
+    batch = cache_batch(batch, mesh)
     graphdef, params = nnx.graphdef(model), abstract_params(model, mesh)
     cache = abstract_cache(model, batch, context, mesh)
     whole = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
@@ -162,8 +163,7 @@ def scaled(plan: Plan, model: DSAModel, mesh: Mesh | None, batch: int, context: 
 
 def max_batch(plan: Plan, model: DSAModel, mesh: Mesh | None, capacity: int, limit: int = 2**16) -> int:
     """The largest batch at the plan's context whose plan fits `capacity` bytes (0 if none). Only multiples of the
-    "data" axis are candidates: any other batch keeps its cache whole on every device, which costs more than the
-    next multiple split."""
+    "data" axis are candidates: any other batch is padded up to the next multiple (`cache_batch`)."""
     step = mesh.shape["data"] if mesh is not None else 1
     return step * largest(lambda n: scaled(plan, model, mesh, n * step, plan.context).total <= capacity, 1,
                           limit // step)

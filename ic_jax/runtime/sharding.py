@@ -7,6 +7,7 @@ model), for one host or many (`jax.distributed.initialize()` first, see `init_di
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Callable
@@ -17,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ic_jax.errors import UserError
+from ic_jax.model.cache import BATCH_AXIS, LayerCache, is_layer_cache
 
 MESH_AXES = ("data", "tensor", "expert")
 
@@ -36,6 +38,9 @@ RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "experts": "expert",
     "norm": None,
+    "positions": None,  # cache buffers: a sequence's positions stay on the devices that hold its batch row
+    "rope_dim": None,
+    "scale": None,
 }
 
 
@@ -106,9 +111,40 @@ def init_sharded(build: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nn
     return nnx.merge(graphdef, state)
 
 
-def cache_sharding(mesh: Mesh, rules=RULES) -> NamedSharding:
-    """Caches are [layers, batch, positions, dim]: split the batch over "data"."""
-    return NamedSharding(mesh, PartitionSpec(None, rules["batch"], None, None))
+def cache_batch(batch: int, mesh: Mesh | None, rules=RULES) -> int:
+    """The batch a cache is built for: `batch` padded up to a multiple of the batch's mesh axis, so that its rows
+    split over that axis (`Engine` fills the extra rows with a one-token prompt and drops their outputs). One
+    sequence stays one: its prefill splits each chunk's tokens over that axis instead (`chunk_sharding`), against a
+    cache whole on each of its devices."""
+    n = mesh.shape[rules["batch"]] if mesh is not None else 1
+    return batch if batch == 1 else -(-batch // n) * n
+
+
+def cache_shardings(cache, mesh: Mesh, rules=RULES):
+    """The NamedSharding of every buffer of `cache` (arrays or ShapeDtypeStructs, see `ic_jax.model.cache`), from
+    each buffer's logical axes by the rules of the params: the batch over "data" (one sequence: whole on every
+    device of "data", see `cache_batch`), the rest whole. Any other batch that does not split is an error, never a
+    cache left whole on every device: pad it first (`cache_batch`)."""
+    def layer(c: LayerCache) -> LayerCache:
+        batch, axis = c.kv.shape[BATCH_AXIS], rules["batch"]
+        if batch != cache_batch(batch, mesh, rules):
+            raise ValueError(f"a cache of batch {batch} does not split over the {mesh.shape[axis]} devices of "
+                             f"{axis!r}; build it for cache_batch(batch, mesh)")
+        return dataclasses.replace(c, **{name: NamedSharding(mesh, spec_for(axes, x.shape, mesh, rules))
+                                         for name, (x, axes) in c.buffers().items()})
+
+    return jax.tree.map(layer, cache, is_leaf=is_layer_cache)
+
+
+def chunk_sharding(mesh: Mesh, batch: int, chunk: int, rules=RULES) -> NamedSharding:
+    """How a prefill chunk's tokens [batch, chunk] lie: the batch over "data" when it splits; else (one long prompt)
+    the chunk's tokens over "data", a sequence-parallel prefill: every device runs the whole network on its part of
+    the chunk against a cache that is whole on each of them, and only the chunk's new cache rows are gathered."""
+    axis = rules["batch"]
+    n = mesh.shape[axis]
+    if batch % n == 0:
+        return NamedSharding(mesh, PartitionSpec(axis, None))
+    return NamedSharding(mesh, PartitionSpec(None, axis if chunk % n == 0 else None))
 
 
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -123,6 +159,20 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         raise UserError(f"--distributed could not join a job ({reason}); pass --coordinator HOST:PORT, "
                         f"--num-processes and --process-id (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
                         f"JAX_PROCESS_ID, or run under SLURM / on a TPU pod), or drop --distributed") from None
+    native_prints_to_stderr()
+
+
+def native_prints_to_stderr() -> None:
+    """Native libraries of a job print to file descriptor 1 (gloo, jax's CPU collectives, reports its connections
+    there): point it at stderr, so that stdout (`sys.stdout`, on a copy of the descriptor) holds only the command's
+    output. Processes other than 0 write nothing to stdout."""
+    sys.stdout.flush()
+    out = os.dup(1)
+    os.dup2(2, 1)
+    if jax.process_index() != 0:
+        os.close(out)
+        out = os.open(os.devnull, os.O_WRONLY)
+    sys.stdout = open(out, "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors)  # noqa: SIM115 - for life
 
 
 def mesh_from_args(a) -> Mesh | None:
