@@ -65,7 +65,7 @@ def checked(a):
     cfg = load_config(a.config)
     check_context(a.context, cfg, "--context")
     data = parse_mesh(a.mesh)["data"]
-    if a.batch % data:  # a batch left whole on every device would plan the wrong memory
+    if a.batch % data and a.batch > 1:  # one prompt splits its chunks over data; other batches must split
         raise UserError(f"--batch {a.batch} does not split over the {data} devices of the data axis; give a multiple "
                         f"of {data}")
     return cfg, parse_pattern(a.pattern, cfg.num_hidden_layers)

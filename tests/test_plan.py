@@ -78,7 +78,7 @@ def test_largest_batch_and_context_for_a_capacity():
     (["--config", "tiny", "--device", "a100"], "--device"),
     (["--config", "no_such_preset"], "no_such_preset"),
     (["--config", "tiny", "--context", "256", "--pattern", "SF"], "SF"),
-    (["--config", "tiny", "--context", "256", "--mesh", "data=3"], "3 devices"),
+    (["--config", "tiny", "--context", "256", "--mesh", "data=3", "--batch", "2"], "3 devices"),
     (["--config", "tiny", "--context", "256", "--mesh", "tensor=2", "--backend", "local"], "--backend local"),
 ])
 def test_bad_input_is_one_line(args, names):

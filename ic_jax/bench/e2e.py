@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                         f"max_position_embeddings {cfg.max_position_embeddings}; give shorter contexts")
     patterns = [parse_pattern(s, cfg.num_hidden_layers) for s in a.patterns]
     mesh = mesh_from_args(a)
-    check_data_split(a.batch, mesh, "--batch")
+    check_data_split(a.batch, mesh, "--batch", one_prompt_ok=True)
     opts = RunOptions.for_impl(a.impl)
     impl = opts.implementation or "auto"
     device = jax.devices()[0].device_kind

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     for spec in a.patterns:
         parse_pattern(spec, cfg.num_hidden_layers)  # bad patterns fail before any model is built
     mesh = mesh_from_args(a)
-    check_data_split(a.batch, mesh, "--batch")
+    check_data_split(a.batch, mesh, "--batch", one_prompt_ok=True)
     opts = RunOptions.for_impl(a.impl)
     device = jax.devices()[0].device_kind
     what = "decode step" if a.chunk == 1 else f"prefill chunk of {a.chunk}"

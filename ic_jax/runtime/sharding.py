@@ -187,11 +187,12 @@ def mesh_from_args(a) -> Mesh | None:
     return make_mesh(sizes) if sizes else None
 
 
-def check_data_split(n: int, mesh: Mesh | None, what: str) -> None:
+def check_data_split(n: int, mesh: Mesh | None, what: str, one_prompt_ok: bool = False) -> None:
     """Refuses `n` rows (a batch, a number of windows) that do not split evenly over the mesh's "data" axis: rows
-    left whole on every device would compute and hold `data` times the work."""
+    left whole on every device would compute and hold `data` times the work. With `one_prompt_ok`, one sequence
+    passes: its prefill splits each chunk's tokens over "data" instead (`chunk_sharding`)."""
     data = mesh.shape["data"] if mesh is not None else 1
-    if n % data:
+    if n % data and not (one_prompt_ok and n == 1):
         raise UserError(f"{what} {n} does not split over the {data} devices of the data axis of --mesh; give a "
                         f"multiple of {data} or a --mesh with another data size")
 
