@@ -89,7 +89,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.ocp.PyTreeCheckpointer, "save", boom)
+    monkeypatch.setattr(checkpoint.ocp.Checkpointer, "save", boom)
     with pytest.raises(OSError):
         checkpoint.save_checkpoint(tmp_path / "ck", DSAModel(CFG, "F" * 8, nnx.Rngs(2)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 from ic_jax.convert.__main__ import main, work_dir
 from ic_jax.runtime.checkpoint import default_pattern, load_checkpoint
@@ -21,6 +22,8 @@ from ic_jax.runtime.hf.config import schedule
 from ic_jax.runtime.hf.fp8 import dequantize, quantize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+# one compile per config and pattern, shared by the models of the same shape (the bf16 fixture's is the FP8 one's)
+forward = nnx.jit(lambda model, tokens: model.forward(tokens).logits)
 
 
 def converted(tmp_path, name, *extra):
@@ -34,7 +37,7 @@ def test_logits_match_transformers(tmp_path, name):
     out = converted(tmp_path, name)
     tokens = json.loads((FIXTURES / name / "prompt.json").read_text())["tokens"]
     model = load_checkpoint(out)
-    logits = np.asarray(model.forward(jnp.asarray([tokens], jnp.int32)).logits[0])
+    logits = np.asarray(forward(model, jnp.asarray([tokens], jnp.int32))[0])
     want = np.load(FIXTURES / name / "logits.npy")
     np.testing.assert_allclose(logits, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
@@ -148,7 +151,7 @@ def test_export_then_import_is_identical(tmp_path, name, pattern):
         assert a[0] == b[0] and a[1].dtype == b[1].dtype
         np.testing.assert_array_equal(a[1], b[1])
     tokens = jnp.asarray([json.loads((FIXTURES / name / "prompt.json").read_text())["tokens"]], jnp.int32)
-    logits = [np.asarray(load_checkpoint(c, want_pattern).forward(tokens).logits) for c in (ckpt, back)]
+    logits = [np.asarray(forward(load_checkpoint(c, want_pattern), tokens)) for c in (ckpt, back)]
     np.testing.assert_array_equal(*logits)
 
 
@@ -164,8 +167,6 @@ def test_scale_fmt_read_from_the_config():
 def test_direct_load_equals_converted(tmp_path, name, pattern):
     """generate --ckpt HF_DIR: the model converted into device memory has the converted checkpoint's params,
     dtypes and pattern (the converted checkpoint's logits are transformers', test_logits_match_transformers)."""
-    from flax import nnx
-
     from ic_jax.runtime.hf.device import load_model
 
     out = tmp_path / name
@@ -216,7 +217,7 @@ def test_direct_load_lands_sharded():
     import sys
 
     script = SHARDED_LOAD.replace("FOLDER", repr(str(FIXTURES / "glm52")))
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600)
     assert "SHARDED_LOAD_OK" in run.stdout, run.stderr[-3000:]
 
 

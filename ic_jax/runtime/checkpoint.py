@@ -53,13 +53,20 @@ def save_checkpoint(path: str | Path, model: DSAModel, *, pattern: str | None = 
 def save_params(path: str | Path, cfg: ModelConfig, tree: dict, *, pattern: str | None = None,
                 tokenizer_file: Path | None = None, meta: dict[str, Any] | None = None,
                 overwrite: bool = False) -> Path:
-    """`save_checkpoint` for a params tree {"top": ..., "layers": [...]} of host arrays (memory maps too)."""
+    """`save_checkpoint` for a params tree {"top": ..., "layers": [...]} of host arrays or jax arrays. Host arrays
+    are written from where they are: not deep-copied first (orbax's default) and not compressed (weights barely
+    compress, and compressing holds every array's compressed copy until the write ends), so memory maps are
+    read page by page as they are written and a converted model never sits whole in host memory."""
     path = claim_output_dir(path, "--out", overwrite=overwrite).absolute()
     if pattern is not None:
         check_pattern(pattern, cfg.num_hidden_layers)
     tmp = new_temp_dir(path)
     try:
-        ocp.PyTreeCheckpointer().save(tmp / "params", tree)
+        registry = ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+        ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)).save(
+            tmp / "params", args=ocp.args.PyTreeSave(tree))
         atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
         if pattern is not None:
             atomic_write_text(tmp / "pattern.json", json.dumps({"pattern": pattern}, indent=2))

@@ -21,6 +21,7 @@ from ic_jax.runtime.hf.reading import (
     plan,
     run_pattern,
     slots,
+    unit_layer,
 )
 from ic_jax.runtime.sharding import param_shardings
 
@@ -45,7 +46,7 @@ def load_model(hf_dir: Path, pattern: str | None = None, mesh=None, progress: bo
     def locate(key, t):
         if key == "top":
             return t.path, ()
-        g, pos, rep = where[int(key.removeprefix("layer_"))]
+        g, pos, rep = where[unit_layer(key)]
         index = (rep,) if t.expert is None else (rep, t.expert)
         return ("groups", g, "blocks", pos) + t.path, index
 
@@ -55,8 +56,8 @@ def load_model(hf_dir: Path, pattern: str | None = None, mesh=None, progress: bo
         node = get_path(params, parents)
         node[name] = write_slice(node[name], value, index)
 
-    units = [(key, [t for t in ts if key == "top" or "indexer" not in t.path
-                    or pattern[int(key.removeprefix("layer_"))] == "F"]) for key, ts in p.units]
+    units = [(key, [t for t in ts if key == "top" or "indexer" not in t.path or pattern[unit_layer(key)] == "F"])
+             for key, ts in p.units]
     copy_tensors(p, units, put, lambda key, t: get_path(abstract, locate(key, t)[0]).dtype, progress)
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)

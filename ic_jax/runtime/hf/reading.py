@@ -80,6 +80,11 @@ def plan(hf_dir: Path, dtype: str | None = None) -> Plan:
     return Plan(info, shards, shipped, pattern, units, notes)
 
 
+def unit_layer(key: str) -> int:
+    """The layer of a unit key ("layer_00003" -> 3)."""
+    return int(key.removeprefix("layer_"))
+
+
 def position(shards: Shards, t: Tensor) -> tuple[str, int]:
     e = shards.entries[t.name]
     return e.file, e.start
