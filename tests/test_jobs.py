@@ -2,9 +2,13 @@
 a job's greedy completions equal `generate` run on each prompt alone; a slot refilled after a longer request gives
 the new prompt a fresh run's tokens; the refill writes the big cache in place; a job killed midway (a torn last line
 included) and run again ends with an uninterrupted job's results; bad lines are skipped or refuse the job; bench
-throughput's table and JSON."""
+throughput's table and JSON; the refill on a data-split cache (2 fake devices)."""
 
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,16 +17,17 @@ from flax import nnx
 
 from ic_jax import generate, jobs
 from ic_jax.bench import throughput
-from ic_jax.model.config import load_config
+from ic_jax.model.config import ModelConfig
 from ic_jax.model.dsa import DSAModel
 from ic_jax.model.pattern import parse_pattern
+from ic_jax.package_data import CONFIG_DIR
 from ic_jax.runtime.batching import BATCH_AXIS, Batcher, Request, SlotCache, write_slot
 from ic_jax.runtime.engine import Engine
 from ic_jax.runtime.memory import shard_bytes
 
 CONTEXT = 20  # every request's prompt + completion: generate then builds one cache shape for all
-PATTERN = "FSSS"
-MODEL = ["--config", "tiny", "--init", "random", "--pattern", PATTERN, "--temperature", "0"]
+PATTERN = "FS"
+TINY2 = {**json.loads((CONFIG_DIR / "tiny.json").read_text()), "num_hidden_layers": 2}  # a dense and a MoE layer
 PROMPTS = {"a": "def f(x):", "b": "abcd", "c": "import os, sys", "d": "x = [1, 2]", "e": "hello"}
 TIMINGS = ("ttft_s", "total_s")
 
@@ -37,9 +42,16 @@ def requests_file(path):
     return write_input(path, [{"id": k, "prompt": p, "max_new_tokens": CONTEXT - len(p)} for k, p in PROMPTS.items()])
 
 
-def run_job(inp, out, *extra):
-    return jobs.main(["--input", str(inp), "--output", str(out), "--slots", "2", "--context", str(CONTEXT), *MODEL,
-                      *extra])
+@pytest.fixture(scope="module")
+def model_flags(tmp_path_factory):
+    config = tmp_path_factory.mktemp("config") / "tiny2.json"
+    config.write_text(json.dumps(TINY2))
+    return ["--config", str(config), "--init", "random", "--pattern", PATTERN, "--temperature", "0"]
+
+
+def run_job(model_flags, inp, out, *extra):
+    return jobs.main(["--input", str(inp), "--output", str(out), "--slots", "2", "--context", str(CONTEXT),
+                      *model_flags, *extra])
 
 
 def results(path) -> dict:
@@ -50,18 +62,18 @@ def results(path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, model_flags):
     tmp = tmp_path_factory.mktemp("job")
-    assert run_job(requests_file(tmp / "in.jsonl"), tmp / "out.jsonl") == 0
+    assert run_job(model_flags, requests_file(tmp / "in.jsonl"), tmp / "out.jsonl") == 0
     return tmp / "out.jsonl"
 
 
-def test_job_equals_generate_for_each_prompt_alone(uninterrupted, capsys):
+def test_job_equals_generate_for_each_prompt_alone(uninterrupted, model_flags, capsys):
     got = results(uninterrupted)
     assert set(got) == set(PROMPTS)
     for rid, prompt in PROMPTS.items():
         capsys.readouterr()
-        assert generate.main([*MODEL, "--prompt", prompt, "--max-new-tokens", str(CONTEXT - len(prompt)),
+        assert generate.main([*model_flags, "--prompt", prompt, "--max-new-tokens", str(CONTEXT - len(prompt)),
                               "--chunk-size", "4", "--json"]) == 0
         alone = json.loads(capsys.readouterr().out)
         assert got[rid]["completion"] == alone["completions"][0], rid
@@ -73,7 +85,7 @@ def test_job_equals_generate_for_each_prompt_alone(uninterrupted, capsys):
 
 @pytest.fixture(scope="module")
 def engine():
-    cfg = load_config("tiny")
+    cfg = ModelConfig.from_dict(TINY2)
     return Engine(DSAModel(cfg, parse_pattern(PATTERN, cfg.num_hidden_layers), nnx.Rngs(1)))
 
 
@@ -97,13 +109,47 @@ def test_refill_writes_the_cache_in_place(engine):
     assert memory.alias_size_in_bytes == shard_bytes(slots.cache)
     assert memory.temp_size_in_bytes < shard_bytes(row)
     before = [np.asarray(x) for x in jax.tree.leaves(slots.cache)]
-    after = [np.asarray(x) for x in jax.tree.leaves(write_slot(slots.cache, row, np.int32(2)))]
+    after = [np.asarray(x) for x in jax.tree.leaves(compiled(slots.cache, row, np.int32(2)))]
     for old, new, r in zip(before, after, jax.tree.leaves(row)):
         np.testing.assert_array_equal(np.take(new, 2, BATCH_AXIS), np.take(np.asarray(r), 0, BATCH_AXIS))
         np.testing.assert_array_equal(np.delete(new, 2, BATCH_AXIS), np.delete(old, 2, BATCH_AXIS))
 
 
-def test_killed_job_run_again_ends_as_an_uninterrupted_one(uninterrupted, tmp_path, monkeypatch, capsys):
+SPLIT_WRITE = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from ic_jax.runtime.batching import write_slot
+    from ic_jax.runtime.sharding import make_mesh
+    mesh = make_mesh({"data": 2, "tensor": 1, "expert": 1})
+    rng = np.random.default_rng(0)
+    host = {"kv": rng.normal(size=(2, 4, 64, 8)).astype(np.float32), "scale": np.ones((2, 4, 64, 1), np.float32)}
+    row = {"kv": rng.normal(size=(2, 1, 64, 8)).astype(np.float32), "scale": np.full((2, 1, 64, 1), 3.0, np.float32)}
+    cache = jax.device_put(host, NamedSharding(mesh, P(None, "data")))
+    row = jax.device_put(row, NamedSharding(mesh, P()))
+    compiled = write_slot.lower(cache, row, np.int32(3), mesh=mesh).compile()
+    assert "all-gather" not in compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes < row["kv"].nbytes
+    out = compiled(cache, row, np.int32(3))
+    for name in host:
+        want = host[name].copy()
+        want[:, 3:4] = np.asarray(row[name])
+        np.testing.assert_array_equal(np.asarray(out[name]), want)
+        assert out[name].sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), 4)
+    print("SPLIT_WRITE_OK")
+""")
+
+
+def test_refill_on_a_data_split_cache_writes_only_the_owners_rows():
+    """On a mesh whose "data" axis splits the rows, the row lands in its slot on the device holding it, with no
+    gather of the cache (2 fake CPU devices, in a subprocess: the device count is fixed when the backend starts)."""
+    r = subprocess.run([sys.executable, "-c", SPLIT_WRITE], capture_output=True, text=True, timeout=300, check=False,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert "SPLIT_WRITE_OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_killed_job_run_again_ends_as_an_uninterrupted_one(uninterrupted, model_flags, tmp_path, monkeypatch, capsys):
     """The job dies while writing its third result (two whole lines and part of a third on disk); run again, it
     drops the torn line, skips the two done ids, and ends with the uninterrupted job's results."""
     inp, out = requests_file(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
@@ -117,16 +163,16 @@ def test_killed_job_run_again_ends_as_an_uninterrupted_one(uninterrupted, tmp_pa
         real(f, record)
 
     monkeypatch.setattr(jobs, "append_line", dies_on_third)
-    assert run_job(inp, out) == 130
+    assert run_job(model_flags, inp, out) == 130
     assert len(out.read_text().splitlines()) == 3 and not out.read_text().endswith("\n")
     monkeypatch.setattr(jobs, "append_line", real)
     capsys.readouterr()
-    assert run_job(inp, out, "--json") == 0
+    assert run_job(model_flags, inp, out, "--json") == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["already_done"] == 2 and stats["requests"] == 3
     assert results(out) == results(uninterrupted)
     capsys.readouterr()
-    assert run_job(inp, out, "--json") == 0  # all done: nothing runs, nothing is added
+    assert run_job(model_flags, inp, out, "--json") == 0  # all done: nothing runs, nothing is added
     assert json.loads(capsys.readouterr().out)["requests"] == 0
     assert results(out) == results(uninterrupted)
 
@@ -143,9 +189,9 @@ BAD = [
 ]
 
 
-def test_bad_lines_are_reported_and_skipped(uninterrupted, tmp_path, capsys):
+def test_bad_lines_are_reported_and_skipped(uninterrupted, model_flags, tmp_path, capsys):
     inp, out = write_input(tmp_path / "in.jsonl", BAD), tmp_path / "out.jsonl"
-    assert run_job(inp, out, "--json") == 0
+    assert run_job(model_flags, inp, out, "--json") == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["bad_lines"] == 6
     skipped = [line for line in captured.err.splitlines() if line.startswith("skipped:")]
@@ -155,9 +201,9 @@ def test_bad_lines_are_reported_and_skipped(uninterrupted, tmp_path, capsys):
     assert results(out) == {k: v for k, v in results(uninterrupted).items() if k in ("a", "b")}
 
 
-def test_on_bad_line_fail_refuses_before_any_work(tmp_path, capsys):
+def test_on_bad_line_fail_refuses_before_any_work(model_flags, tmp_path, capsys):
     inp, out = write_input(tmp_path / "in.jsonl", BAD), tmp_path / "out.jsonl"
-    assert run_job(inp, out, "--on-bad-line", "fail") == 2
+    assert run_job(model_flags, inp, out, "--on-bad-line", "fail") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "line 2" in err[0] and "5 more bad lines" in err[0] and "--on-bad-line skip" in err[0]
     assert not out.exists()
@@ -166,12 +212,11 @@ def test_on_bad_line_fail_refuses_before_any_work(tmp_path, capsys):
 def test_bench_throughput_table_and_json(tmp_path, capsys):
     path = tmp_path / "tp.json"
     assert throughput.main(["--config", "tiny", "--layers", "2", "--context", "40", "--slots", "2",
-                            "--decode-steps", "2", "--patterns", "F", "FS", "--json", str(path)]) == 0
+                            "--decode-steps", "2", "--patterns", "FS", "--json", str(path)]) == 0
     table = capsys.readouterr().out
-    assert "decode tok/s" in table and "slots" in table and "peak GB/dev" in table
-    rows = json.loads(path.read_text())["rows"]
-    assert [r["pattern"] for r in rows] == ["FF", "FS"] and [r["indexers"] for r in rows] == [2, 1]
-    for r in rows:
-        assert r["slots"] == 2 and r["context"] == 40 and r["decode_tok_s"] > 0 and "peak_bytes_per_device" in r
-        assert r["decode_tok_s"] == pytest.approx(2 * r["decode_tok_s_per_request"])
-    assert rows[0]["speedup"] == 1.0
+    assert all(h in table for h in ("pattern", "slots", "prefill s/req", "decode tok/s", "speedup", "peak GB/dev"))
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["pattern"] == "FS" and row["indexers"] == 1 and row["slots"] == 2 and row["context"] == 40
+    assert row["decode_tok_s"] > 0 and row["prefill_s_per_request"] > 0 and row["speedup"] == 1.0
+    assert row["decode_tok_s"] == pytest.approx(2 * row["decode_tok_s_per_request"])
+    assert "peak_bytes_per_device" in row  # None on a CPU
