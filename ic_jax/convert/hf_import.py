@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -39,9 +40,11 @@ def convert(hf_dir: Path, work: Path, dtype: str | None = None, progress: bool =
         leaf = get_path(abstract[key], t.path)
         bf16 = leaf.dtype == BF16
         file = work / key / (".".join(t.path) + ("@bf16" if bf16 else "") + ".npy")
-        if not file.is_file():
+        if not file.is_file():  # made whole before it is named, so a killed run leaves no half-made file
             file.parent.mkdir(exist_ok=True)
-            np.lib.format.open_memmap(file, "w+", np.uint16 if bf16 else leaf.dtype, leaf.shape)  # sparse until written
+            part = file.with_name(file.name + ".part")
+            np.lib.format.open_memmap(part, "w+", np.uint16 if bf16 else leaf.dtype, leaf.shape)  # sparse
+            os.replace(part, file)
         stored = np.lib.format.open_memmap(file, "r+")
         stored[() if t.expert is None else t.expert] = value.view(stored.dtype)
         stored.flush()
