@@ -15,8 +15,9 @@ import pytest
 
 COLAB = Path(__file__).resolve().parent.parent / "colab"
 NOTEBOOKS = sorted(p.name for p in COLAB.glob("*.ipynb"))
-# plots each notebook draws inline (layout strip + speed bars; overlap heatmap + search loss curve)
-IMAGES = {"01_quickstart.ipynb": 2, "02_calibrate.ipynb": 2}
+# plots each notebook draws inline (layout strip + speed bars; overlap heatmap + search loss curve; memory plan bars +
+# prefill speedup curve)
+IMAGES = {"01_quickstart.ipynb": 2, "02_calibrate.ipynb": 2, "03_scale_and_convert.ipynb": 2}
 
 
 def read(name: str):
