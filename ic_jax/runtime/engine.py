@@ -24,7 +24,7 @@ from ic_jax.model.cache import init_cache
 from ic_jax.model.dsa import DSAModel
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.sampling import Sampling, sample
-from ic_jax.runtime.sharding import chunk_sharding, cache_batch, cache_shardings
+from ic_jax.runtime.sharding import cache_batch, cache_shardings, chunk_sharding
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("cache",))
