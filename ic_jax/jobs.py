@@ -23,6 +23,7 @@ tokenizes, and sends the requests to the others (one broadcast); it alone writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -320,10 +321,11 @@ def run(a, batcher: Batcher, requests: list[Request], tok, lead: bool) -> dict:
     """Runs the requests, appending each result as it finishes (process 0); returns token counts and times."""
     totals = {"prompt_tokens": 0, "completion_tokens": 0}
     t0 = time.perf_counter()
-    with (open(a.output, "a", encoding="utf-8") if lead else open(os.devnull, "w")) as f, \
+    with (open(a.output, "a", encoding="utf-8") if lead else contextlib.nullcontext()) as f, \
             tqdm(total=len(requests), desc="jobs", unit="req", disable=not lead) as bar:
         for done in batcher.run(requests):
-            append_line(f, result_json(done, tok))
+            if lead:
+                append_line(f, result_json(done, tok))
             totals["prompt_tokens"] += len(done.request.prompt)
             totals["completion_tokens"] += len(done.tokens)
             bar.set_postfix_str(f"{totals['completion_tokens'] / (time.perf_counter() - t0):.1f} tok/s")

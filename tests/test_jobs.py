@@ -17,11 +17,12 @@ from flax import nnx
 
 from ic_jax import generate, jobs
 from ic_jax.bench import throughput
+from ic_jax.model.cache import BATCH_AXIS
 from ic_jax.model.config import ModelConfig
 from ic_jax.model.dsa import DSAModel
 from ic_jax.model.pattern import parse_pattern
 from ic_jax.package_data import CONFIG_DIR
-from ic_jax.runtime.batching import BATCH_AXIS, Batcher, Request, SlotCache, write_slot
+from ic_jax.runtime.batching import Batcher, Request, SlotCache, write_slot
 from ic_jax.runtime.engine import Engine
 from ic_jax.runtime.memory import shard_bytes
 

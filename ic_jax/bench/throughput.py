@@ -33,8 +33,8 @@ from ic_jax.errors import UserError
 from ic_jax.files import check_output_file
 from ic_jax.model.pattern import parse_pattern
 from ic_jax.model.run_options import RunOptions
-from ic_jax.runtime.batching import SlotCache, max_slots, to_host
-from ic_jax.runtime.engine import Engine
+from ic_jax.runtime.batching import SlotCache, max_slots
+from ic_jax.runtime.engine import Engine, to_host
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sharding import check_data_split, mesh_from_args
 

@@ -20,12 +20,12 @@ from collections.abc import Iterable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ic_jax.model.cache import BATCH_AXIS
 from ic_jax.model.dsa import DSAModel
 from ic_jax.model.run_options import RunOptions
-from ic_jax.runtime.engine import Engine, decode_step, prefill_chunk
+from ic_jax.runtime.engine import Engine, decode_step, prefill_chunk, to_host
 from ic_jax.runtime.memory import (
     abstract_cache,
     free_bytes,
@@ -35,7 +35,6 @@ from ic_jax.runtime.memory import (
 )
 from ic_jax.runtime.sampling import RowSampling, Sampling, row_keys, sample_rows
 
-BATCH_AXIS = 1  # of every cache buffer: [layers, batch, positions, dim]
 MIN_CHUNK = 16  # shortest prefill chunk: prompts are padded to a power of two up to --chunk-size, so few compile
 HEADROOM = 0.95  # of the free memory that slots may plan to use: the allocator needs some slack
 CPU_SLOTS = 4  # slots on a CPU when none are asked for: its "free memory" is the host's, not a sensible limit
@@ -107,11 +106,6 @@ class SlotCache:
         greedy, logits, self.cache = decode_step(e.graphdef, e.params, tokens, positions, self.cache,
                                                  jax.random.key(0), e.opts, Sampling())
         return greedy, logits
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """A device array as numpy on every process (gathered from the other hosts where it is split over them)."""
-    return np.asarray(x) if x.is_fully_addressable else np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @jax.jit
