@@ -47,9 +47,10 @@ def parse_args(argv):
     p.add_argument("--device", choices=DEVICES, default="h200",
                    help="device whose memory the plan is checked against (H200 141 GB, H100 80 GB, TPU v5p 95 GB, "
                         "v6e 32 GB; default h200)")
-    p.add_argument("--impl", choices=sorted(IMPLS), default="xla",
+    p.add_argument("--impl", choices=("auto", *sorted(IMPLS)), default="auto",
                    help="op implementation compiled: xla (the jnp references) or pallas (the GPU kernels, compiled "
-                        "in interpret mode on CPU); default xla")
+                        "in interpret mode on fake CPU devices); default auto: xla on fake CPU devices, and with "
+                        "--backend local what generate would run there (the Pallas kernels on a GPU)")
     p.add_argument("--backend", choices=("cpu", "local"), default="cpu",
                    help="compile for fake CPU devices shaped like the mesh (cpu, default: runs anywhere) or for this "
                         "machine's own devices (local: needs as many as the mesh; the real compiler's temporaries)")
@@ -85,10 +86,10 @@ def plan(a) -> dict:
                         f"{len(jax.devices())}; drop --backend local to plan on fake CPU devices")
     mesh = make_mesh(sizes, jax.devices()[: math.prod(sizes.values())])
     if a.backend == "local":
-        opts = RunOptions.for_impl("auto" if a.impl == "pallas" else a.impl)
+        opts = RunOptions.for_impl(a.impl)
         opts = dataclasses.replace(opts, index_block=min(opts.index_block, a.chunk_size))
     else:
-        implementation, interpret = IMPLS[a.impl]
+        implementation, interpret = IMPLS["xla" if a.impl == "auto" else a.impl]
         opts = RunOptions(implementation=implementation, interpret=interpret, index_block=min(2048, a.chunk_size))
     model = abstract_model(cfg, pattern)
     t0 = time.perf_counter()
@@ -97,7 +98,7 @@ def plan(a) -> dict:
     capacity = DEVICE_MEMORY[a.device]
     return {"config": a.config, "pattern": pattern, "mesh": {k: v for k, v in sizes.items() if v > 1} or {"data": 1},
             "devices": mesh.size, "device": a.device, "device_bytes": capacity, "batch": p.batch, "context": p.context,
-            "chunk": p.chunk, "impl": a.impl, "params_bytes": p.params, "cache_bytes": p.cache,
+            "chunk": p.chunk, "impl": opts.implementation or "auto", "params_bytes": p.params, "cache_bytes": p.cache,
             "prefill_temp_bytes": p.prefill_temp, "decode_temp_bytes": p.decode_temp, "total_bytes": p.total,
             "fits": p.total <= capacity, "max_batch": max_batch(p, model, mesh, capacity),
             "max_context": max_context(p, model, mesh, capacity), "compile_s": round(compile_s, 1),
