@@ -48,7 +48,7 @@ from ic_jax.runtime.checkpoint import (
     read_config,
     trained_seq_len,
 )
-from ic_jax.runtime.sharding import check_data_split, mesh_from_args, shard_model
+from ic_jax.runtime.sharding import check_data_split, mesh_from_args
 
 
 def retrieval_scores(ev: ReuseEvaluator, own, tokens: np.ndarray, starts: np.ndarray) -> tuple[float, float]:
@@ -117,12 +117,7 @@ def main(argv=None) -> int:
     heldout = held.windows(np.random.default_rng(99), a.seqs, seq_len)
     retrieval = {length: retrieval_set(held, a.retrieval_n, length, seed=length) for length in lengths}
     opts = dataclasses.replace(RunOptions.for_impl(a.impl), mesh=mesh)
-
-    def load(ckpt, cfg):
-        model = load_checkpoint(ckpt, "F" * cfg.num_hidden_layers)
-        return model if mesh is None else shard_model(model, mesh)
-
-    evaluators = {ckpt: ReuseEvaluator(load(ckpt, c), a.batch, opts)
+    evaluators = {ckpt: ReuseEvaluator(load_checkpoint(ckpt, "F" * c.num_hidden_layers, mesh=mesh), a.batch, opts)
                   for ckpt, c in zip([a.ckpt, *a.extra_ckpt], configs)}
     table = []
     for label, ckpt, pattern in tqdm(rows, desc="eval", file=sys.stderr, dynamic_ncols=True):

@@ -32,12 +32,7 @@ from ic_jax.model.config import check_context
 from ic_jax.model.pattern import parse_pattern
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.checkpoint import load_checkpoint, read_config, trained_seq_len
-from ic_jax.runtime.sharding import (
-    check_data_split,
-    mesh_from_args,
-    put_batch,
-    shard_model,
-)
+from ic_jax.runtime.sharding import check_data_split, mesh_from_args, put_batch
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -87,9 +82,7 @@ def main(argv=None) -> int:
     pattern = parse_pattern(a.pattern, n) if a.pattern else None
     seq_len = a.seq_len or trained_seq_len(a.ckpt)
     check_context(seq_len, cfg, "--seq-len")
-    model = load_checkpoint(a.ckpt, "F" * n)
-    if mesh is not None:
-        shard_model(model, mesh)
+    model = load_checkpoint(a.ckpt, "F" * n, mesh=mesh)
     tokens = calibration_windows(a.data, a.seqs, seq_len, 0.05)
     m = overlap_matrix(model, tokens, a.batch, mesh)
     adjacent = float(np.mean(np.diag(m, 1))) if n > 1 else 1.0

@@ -54,7 +54,7 @@ from ic_jax.model.dsa import repattern
 from ic_jax.model.pattern import keep_pattern
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.checkpoint import load_checkpoint, read_config, trained_seq_len
-from ic_jax.runtime.sharding import check_data_split, mesh_from_args, shard_model
+from ic_jax.runtime.sharding import check_data_split, mesh_from_args
 
 
 def flags(pattern: str) -> list[bool]:
@@ -150,9 +150,7 @@ def main(argv=None) -> int:
     if state is not None and state["settings"] != settings:
         raise UserError(f"state file {state_path} belongs to another search ({state['settings']}); "
                         f"pass --state or delete it")
-    model = load_checkpoint(a.ckpt, "F" * n)
-    if mesh is not None:
-        shard_model(model, mesh)
+    model = load_checkpoint(a.ckpt, "F" * n, mesh=mesh)
     opts = dataclasses.replace(RunOptions.for_impl(a.impl), mesh=mesh)
     ev = ReuseEvaluator(model, a.batch, opts)
     if state is None:
