@@ -77,6 +77,8 @@ def workspace(tmp_path_factory):
     (base / "notes.txt").write_text("a user's file\n")
     (base / "a_folder").mkdir()
     (base / "search.state.json").write_text('{"settings": {"ckpt": ')
+    (base / "prompts.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    (base / "bad.jsonl").write_text('{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": \n')
     return base
 
 
@@ -174,6 +176,16 @@ CASES = [
     ("bench", ["e2e", "--config", "tiny", "--contexts", "100", "--seed", "-1"], "--seed"),
     ("bench", ["sweep", "--tk", "abc"], "--tk"),
     ("bench", ["kernels", "--sizes", "8k,x"], "--sizes"),
+    # jobs and bench throughput
+    ("jobs", ["--input", "nowhere.jsonl", "--output", "r.jsonl", *CKPT], "--input nowhere.jsonl"),
+    ("jobs", ["--input", "latin1.txt", "--output", "r.jsonl", *CKPT], "latin1.txt"),
+    ("jobs", ["--input", "prompts.jsonl", "--output", "a_folder", *CKPT], "--output a_folder"),
+    ("jobs", ["--input", "bad.jsonl", "--output", "r.jsonl", "--on-bad-line", "fail", *CKPT], "line 2"),
+    ("jobs", ["--input", "prompts.jsonl", "--output", "r.jsonl", "--slots", "0", *CKPT], "--slots"),
+    ("jobs", ["--input", "prompts.jsonl", "--output", "r.jsonl", "--mesh", "data=64", *CKPT], "64"),
+    ("bench", ["throughput", "--config", "tiny", "--context", "0"], "--context"),
+    ("bench", ["throughput", "--config", "tiny", "--context", "100k"], "100000"),
+    ("bench", ["throughput", "--config", "tiny", "--context", "256", "--slots", "0"], "--slots"),
     # convert and plan
     ("convert", ["--hf", "nowhere", "--out", "x"], "--hf nowhere"),
     ("convert", ["--hf", "ckpt", "--out", "x"], "architecture"),
