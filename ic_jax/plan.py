@@ -115,6 +115,12 @@ def table(r: dict) -> str:
              f"chunk {r['chunk']}, impl {r['impl']}, compiled for {r['compiled_for']}: per device"]
     lines += [f"  {name:<46} {v / gb:10.2f} GB" for name, v in rows]
     verdict = "fits" if r["fits"] else "does NOT fit"
+    if r["backend"] == "cpu":
+        floor = r["params_bytes"] + r["cache_bytes"]
+        lines.append(f"  params + caches alone: {floor / gb:.2f} GB ({'within' if floor <= r['device_bytes'] else 'over'} "
+                     f"{r['device']}'s {r['device_bytes'] / gb:.0f} GB). The temporaries are the CPU compiler's, an "
+                     f"upper bound far above what the GPU kernels need: plan on the target devices with --backend "
+                     f"local for theirs")
     lines.append(f"  {r['device']} has {r['device_bytes'] / gb:.0f} GB: {verdict}; largest batch at context "
                  f"{r['context']}: {r['max_batch']}; longest context at batch {r['batch']}: {r['max_context']}")
     return "\n".join(lines)
