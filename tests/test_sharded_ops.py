@@ -1,6 +1,7 @@
 """Every op per shard (`jax.shard_map`) on a fake 8-device CPU mesh: the sharded model's logits and generated tokens
 equal the unsharded model's, for data, tensor and expert meshes, on the XLA path and with the Pallas kernels in
-interpret mode. Each implementation runs in one subprocess (the device count is fixed when the backend starts), which
+interpret mode, for a batch and for one odd-length prompt (on "data": a sequence-parallel prefill in chunks rounded
+up to split). Each implementation runs in one subprocess (the device count is fixed when the backend starts), which
 computes the unsharded reference once and checks every mesh of its list against it."""
 
 import subprocess
@@ -29,6 +30,7 @@ SCRIPT = textwrap.dedent("""
     tokens = jnp.asarray(np.random.default_rng(9).integers(0, 256, (2, 8)), jnp.int32)
     ref_logits = np.asarray(model.forward(tokens, opts).logits)
     ref_out, _ = Engine(model, opts).generate(prompts, 4, chunk_size=4)
+    ref_one, _ = Engine(model, opts).generate([prompts[1]], 4, chunk_size=3)  # 7 tokens
     for spec in specs:
         sizes = parse_mesh(spec)
         mesh = make_mesh(sizes, jax.devices()[:int(np.prod(list(sizes.values())))])
@@ -38,6 +40,8 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4, err_msg=spec)
         out, _ = Engine(model, opts, mesh).generate(prompts, 4, chunk_size=4)
         assert out == ref_out, (spec, out, ref_out)
+        one, _ = Engine(model, opts, mesh).generate([prompts[1]], 4, chunk_size=3)  # data: split chunks of 4
+        assert one == ref_one, (spec, one, ref_one)
         print("SHARDED_OK", spec)
 """)
 
