@@ -34,6 +34,7 @@ from ic_jax.runtime.memory import (
     shard_bytes,
 )
 from ic_jax.runtime.sampling import RowSampling, Sampling, row_keys, sample_rows
+from ic_jax.runtime.sharding import splitting_chunk
 
 MIN_CHUNK = 16  # shortest prefill chunk: prompts are padded to a power of two up to --chunk-size, so few compile
 HEADROOM = 0.95  # of the free memory that slots may plan to use: the allocator needs some slack
@@ -86,7 +87,7 @@ class SlotCache:
         """Prefills `prompt` into a fresh one-row cache, chunk by chunk (`prefill_chunk`), then writes the row over
         row `slot`; returns the logits [1, V] of the prompt's last token."""
         engine = self.engine
-        chunk = chunk_for(len(prompt), self.chunk_size)
+        chunk = splitting_chunk(chunk_for(len(prompt), self.chunk_size), engine.mesh)
         n_chunks = -(-len(prompt) // chunk)
         tokens = np.zeros((1, n_chunks * chunk), np.int32)
         tokens[0, : len(prompt)] = prompt

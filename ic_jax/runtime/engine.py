@@ -23,9 +23,8 @@ from jax.experimental import multihost_utils
 from ic_jax.model.cache import init_cache
 from ic_jax.model.dsa import DSAModel
 from ic_jax.model.run_options import RunOptions
-from ic_jax.ops.common import round_up
 from ic_jax.runtime.sampling import Sampling, sample
-from ic_jax.runtime.sharding import cache_batch, cache_shardings, chunk_sharding
+from ic_jax.runtime.sharding import cache_batch, cache_shardings, chunk_sharding, splitting_chunk
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("cache",))
@@ -98,8 +97,7 @@ class Engine:
             raise ValueError("every prompt needs at least one token")
         longest = int(lengths.max())
         chunk = min(chunk_size or longest, longest)
-        if self.mesh is not None:  # a chunk whose tokens split over "data" (one prompt: sequence-parallel prefill)
-            chunk = round_up(chunk, self.mesh.shape["data"])
+        chunk = splitting_chunk(chunk, self.mesh)
         n_chunks = -(-longest // chunk)
         tokens = np.zeros((len(prompts), n_chunks * chunk), np.int32)
         for b, p in enumerate(prompts):

@@ -187,6 +187,13 @@ def mesh_from_args(a) -> Mesh | None:
     return make_mesh(sizes) if sizes else None
 
 
+def splitting_chunk(chunk: int, mesh: Mesh | None, rules=RULES) -> int:
+    """`chunk` rounded up to a multiple of the batch's mesh axis, so that one prompt's chunk splits over it
+    (`chunk_sharding`: sequence-parallel prefill); `chunk` itself without a mesh."""
+    n = mesh.shape[rules["batch"]] if mesh is not None else 1
+    return -(-chunk // n) * n
+
+
 def check_data_split(n: int, mesh: Mesh | None, what: str, one_prompt_ok: bool = False) -> None:
     """Refuses `n` rows (a batch, a number of windows) that do not split evenly over the mesh's "data" axis: rows
     left whole on every device would compute and hold `data` times the work. With `one_prompt_ok`, one sequence
