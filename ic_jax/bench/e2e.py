@@ -20,7 +20,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -37,17 +36,14 @@ from ic_jax.cli import (
 from ic_jax.errors import UserError
 from ic_jax.files import atomic_write_text, check_output_file
 from ic_jax.model.config import load_config
-from ic_jax.model.dsa import DSAModel
 from ic_jax.model.pattern import parse_pattern
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.engine import Engine, decode_step
+from ic_jax.runtime.loading import random_model
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
 from ic_jax.runtime.sharding import (
-    MESH_AXES,
     check_data_split,
-    init_sharded,
-    make_mesh,
     mesh_from_args,
 )
 
@@ -74,13 +70,6 @@ def model_config(a):
     if a.layers is not None:
         cfg = cfg.replace(num_hidden_layers=a.layers, first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
     return cfg.replace(indexer_fp8=True) if a.indexer_fp8 else cfg
-
-
-def random_model(cfg, pattern: str, seed: int, mesh: Mesh | None) -> DSAModel:
-    """Random weights made directly on the devices, each holding only its shards (no host copy of the parameters);
-    without a mesh, all on the default device."""
-    one_device = make_mesh(dict.fromkeys(MESH_AXES, 1), jax.devices()[:1])
-    return init_sharded(lambda: DSAModel(cfg, pattern, nnx.Rngs(seed)), mesh if mesh is not None else one_device)
 
 
 def peak_bytes() -> int | None:

@@ -32,7 +32,6 @@ from ic_jax.bench.e2e import (
     model_config,
     peak_bytes,
     peak_text,
-    random_model,
 )
 from ic_jax.bench.flags import one_size
 from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, positive_int
@@ -41,6 +40,7 @@ from ic_jax.files import atomic_write_text, check_output_file
 from ic_jax.model.pattern import parse_pattern
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.engine import Engine, decode_step, prefill_chunk
+from ic_jax.runtime.loading import random_model
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sampling import Sampling
 from ic_jax.runtime.sharding import check_data_split, mesh_from_args

@@ -24,7 +24,6 @@ from ic_jax.bench.e2e import (
     mesh_json,
     model_config,
     peak_bytes,
-    random_model,
 )
 from ic_jax.bench.flags import one_size
 from ic_jax.bench.timing import print_table, write_json
@@ -35,6 +34,7 @@ from ic_jax.model.pattern import parse_pattern
 from ic_jax.model.run_options import RunOptions
 from ic_jax.runtime.batching import SlotCache, max_slots
 from ic_jax.runtime.engine import Engine, to_host
+from ic_jax.runtime.loading import random_model
 from ic_jax.runtime.memory import check_fits
 from ic_jax.runtime.sharding import check_data_split, mesh_from_args
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import jax
 from flax import nnx
 
 from ic_jax.errors import UserError
@@ -16,7 +17,7 @@ from ic_jax.package_data import DEFAULT_CKPT
 from ic_jax.runtime.checkpoint import load_checkpoint
 from ic_jax.runtime.hf.config import is_hf_folder
 from ic_jax.runtime.hf.device import load_model as load_hf_model
-from ic_jax.runtime.sharding import init_sharded
+from ic_jax.runtime.sharding import MESH_AXES, init_sharded, make_mesh
 
 
 def load_model(a, mesh=None) -> tuple[DSAModel, Path | None]:
@@ -25,12 +26,7 @@ def load_model(a, mesh=None) -> tuple[DSAModel, Path | None]:
     `mesh`."""
     if a.init:
         cfg = load_config(a.config)
-        pattern = parse_pattern(a.pattern, cfg.num_hidden_layers)
-
-        def build():
-            return DSAModel(cfg, pattern, nnx.Rngs(a.seed))
-
-        return (build() if mesh is None else init_sharded(build, mesh)), None
+        return random_model(cfg, parse_pattern(a.pattern, cfg.num_hidden_layers), a.seed, mesh), None
     ckpt = a.ckpt or DEFAULT_CKPT
     if a.ckpt is None and not DEFAULT_CKPT.is_dir():
         raise UserError(f"no embedded model at {DEFAULT_CKPT}; pass --ckpt DIR or --config tiny --init random")
@@ -40,3 +36,12 @@ def load_model(a, mesh=None) -> tuple[DSAModel, Path | None]:
         return load_hf_model(ckpt, a.pattern, mesh, progress=sys.stderr.isatty()), ckpt
     cfg = load_config(a.config) if a.config else None
     return load_checkpoint(ckpt, a.pattern, cfg, mesh=mesh), ckpt
+
+
+def random_model(cfg, pattern: str, seed: int, mesh=None) -> DSAModel:
+    """Random weights made on the devices under `jax.jit`, each holding only its shards of `mesh` (no host copy);
+    without a mesh, all on the default device. Never built eagerly: an eager build materialises each parameter in
+    float32 before casting it, twice the bf16 weights of a stack at once (an out-of-memory on one H200 for the 30B
+    shape's experts)."""
+    one_device = make_mesh(dict.fromkeys(MESH_AXES, 1), jax.devices()[:1])
+    return init_sharded(lambda: DSAModel(cfg, pattern, nnx.Rngs(seed)), mesh if mesh is not None else one_device)
