@@ -160,9 +160,22 @@ def add_mesh_arguments(p: argparse.ArgumentParser) -> None:
     par = p.add_argument_group("parallelism")
     par.add_argument("--mesh", default="", help="device mesh as axis=size over data,tensor,expert (e.g. "
                      "data=2,tensor=4); params are sharded by their logical axes. Default: no sharding")
+    add_expert_parallel_data_argument(par)
     par.add_argument("--distributed", action="store_true",
                      help="multi-host: join a job first (one process per host; only process 0 prints)")
     par.add_argument("--coordinator", help="with --distributed: HOST:PORT of process 0 (default: "
                                           "JAX_COORDINATOR_ADDRESS, or detected under SLURM / on a TPU pod)")
     par.add_argument("--num-processes", type=positive_int, help="with --distributed: processes in the job")
     par.add_argument("--process-id", type=nonneg_int, help="with --distributed: this process's rank")
+
+
+def add_expert_parallel_data_argument(p) -> None:
+    """--expert-parallel-data, with --mesh: `runtime.sharding.make_mesh(expert_parallel_data=...)` reads it."""
+    p.add_argument("--expert-parallel-data", action="store_true",
+                   help="split the routed experts over the data axis of --mesh too, so that each device holds "
+                        "1/(data x expert) of them instead of a whole copy per data shard (SGLang's data-parallel "
+                        "attention with expert-parallel MoE; vLLM's --enable-expert-parallel beside "
+                        "--data-parallel-size): attention stays data-parallel, and each MoE layer gathers the tokens "
+                        "of its data shards, runs its own experts and scatters the sums back. Frees the experts' "
+                        "memory for more cache slots (jobs, bench throughput) or longer contexts, for two collectives "
+                        "per MoE layer; needs --mesh data=N with N > 1")

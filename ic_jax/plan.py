@@ -24,9 +24,16 @@ import subprocess
 import sys
 import time
 
-from ic_jax.cli import SIZE_HELP, ArgumentParser, entry, parse_size, positive_int
+from ic_jax.cli import (
+    SIZE_HELP,
+    ArgumentParser,
+    add_expert_parallel_data_argument,
+    entry,
+    parse_size,
+    positive_int,
+)
 from ic_jax.errors import UserError
-from ic_jax.runtime.sharding import parse_mesh
+from ic_jax.runtime.sharding import check_expert_parallel_data, parse_mesh, splits_as_is
 
 DEVICES = ("h200", "h100", "v5p", "v6e")
 IMPLS = {"xla": ("xla", False), "pallas": ("pallas_gpu", True)}  # the kernels compile in interpret mode on CPU
@@ -40,6 +47,7 @@ def parse_args(argv):
                                                    "glm5)")
     p.add_argument("--pattern", help="IndexCache pattern (as in generate; default all F)")
     p.add_argument("--mesh", default="", help="device mesh as axis=size over data,tensor,expert (default: one device)")
+    add_expert_parallel_data_argument(p)
     p.add_argument("--context", type=parse_size, default=parse_size("128k"),
                    help=f"tokens per sequence in the cache (default 128k; {SIZE_HELP})")
     p.add_argument("--batch", type=positive_int, default=1, help="sequences (default 1)")
@@ -65,8 +73,11 @@ def checked(a):
 
     cfg = load_config(a.config)
     check_context(a.context, cfg, "--context")
-    data = parse_mesh(a.mesh)["data"]
-    if a.batch % data and a.batch > 1:  # one prompt splits its chunks over data; other batches must split
+    sizes = parse_mesh(a.mesh)
+    if a.expert_parallel_data:
+        check_expert_parallel_data(sizes)
+    data = sizes["data"]
+    if not splits_as_is(a.batch, data):
         raise UserError(f"--batch {a.batch} does not split over the {data} devices of the data axis; give a multiple "
                         f"of {data}")
     return cfg, parse_pattern(a.pattern, cfg.num_hidden_layers)
@@ -84,7 +95,7 @@ def plan(a) -> dict:
     if len(jax.devices()) < math.prod(sizes.values()):
         raise UserError(f"--mesh {a.mesh} needs {math.prod(sizes.values())} devices but this machine has "
                         f"{len(jax.devices())}; drop --backend local to plan on fake CPU devices")
-    mesh = make_mesh(sizes, jax.devices()[: math.prod(sizes.values())])
+    mesh = make_mesh(sizes, jax.devices()[: math.prod(sizes.values())], a.expert_parallel_data)
     if a.backend == "local":
         opts = RunOptions.for_impl(a.impl)
         opts = dataclasses.replace(opts, index_block=min(opts.index_block, a.chunk_size))
@@ -97,7 +108,8 @@ def plan(a) -> dict:
     compile_s = time.perf_counter() - t0
     capacity = DEVICE_MEMORY[a.device]
     return {"config": a.config, "pattern": pattern, "mesh": {k: v for k, v in sizes.items() if v > 1} or {"data": 1},
-            "devices": mesh.size, "device": a.device, "device_bytes": capacity, "batch": p.batch, "context": p.context,
+            "expert_parallel_data": a.expert_parallel_data, "devices": mesh.size, "device": a.device,
+            "device_bytes": capacity, "batch": p.batch, "context": p.context,
             "chunk": p.chunk, "impl": opts.implementation or "auto", "params_bytes": p.params, "cache_bytes": p.cache,
             "prefill_temp_bytes": p.prefill_temp, "decode_temp_bytes": p.decode_temp, "total_bytes": p.total,
             "fits": p.total <= capacity, "max_batch": max_batch(p, model, mesh, capacity),
@@ -111,8 +123,9 @@ def table(r: dict) -> str:
     rows = [("params", r["params_bytes"]), ("caches", r["cache_bytes"]),
             ("prefill chunk temporaries", r["prefill_temp_bytes"]), ("decode step temporaries", r["decode_temp_bytes"]),
             ("total (params + caches + larger temporaries)", r["total_bytes"])]
-    lines = [f"{r['config']} on {r['devices']} x {r['device']} ({mesh}), batch {r['batch']} x context {r['context']}, "
-             f"chunk {r['chunk']}, impl {r['impl']}, compiled for {r['compiled_for']}: per device"]
+    layout = ", experts over data too" if r["expert_parallel_data"] else ""
+    lines = [f"{r['config']} on {r['devices']} x {r['device']} ({mesh}{layout}), batch {r['batch']} x context "
+             f"{r['context']}, chunk {r['chunk']}, impl {r['impl']}, compiled for {r['compiled_for']}: per device"]
     lines += [f"  {name:<46} {v / gb:10.2f} GB" for name, v in rows]
     verdict = "fits" if r["fits"] else "does NOT fit"
     if r["backend"] == "cpu":

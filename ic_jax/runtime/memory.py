@@ -127,8 +127,9 @@ def compiled_temps(model: DSAModel, mesh: Mesh | None, batch: int, context: int,
                    opts: RunOptions) -> tuple[int, int]:
     """Temporary bytes per device of the prefill chunk and the decode step, compiled ahead of time for abstract
     params and caches (on the devices of `mesh`, or the default device), the batch padded as `Engine.prefill`
-    pads it."""
+    pads it and the ops run per shard of `mesh` as the `Engine` runs them."""
     batch = cache_batch(batch, mesh)
+    opts = dataclasses.replace(opts, mesh=mesh)
     graphdef, params = nnx.graphdef(model), abstract_params(model, mesh)
     cache = abstract_cache(model, batch, context, mesh)
     whole = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None

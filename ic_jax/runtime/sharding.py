@@ -19,12 +19,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ic_jax.errors import UserError
 from ic_jax.model.cache import BATCH_AXIS, LayerCache, is_layer_cache
+from ic_jax.ops.common import split_axes
+from ic_jax.ops.grouped_matmul.sharding import EXPERT_PARALLEL_DATA, expert_axes
 
 MESH_AXES = ("data", "tensor", "expert")
 
-# logical axis -> mesh axis (None = replicated). Attention heads, MLP and vocab split over "tensor";
-# routed experts over "expert"; the batch over "data". Latent ranks and head dims stay whole.
-RULES: dict[str, str | None] = {
+# logical axis -> mesh axis, or mesh axes that split it together, or a function of the mesh giving them (None =
+# replicated). Attention heads, MLP and vocab split over "tensor"; routed experts over "expert", and over "data" too
+# on a mesh made with expert_parallel_data (`expert_axes`, the axes the MoE op runs them over); the batch over
+# "data". Latent ranks and head dims stay whole.
+RULES: dict[str, str | tuple[str, ...] | Callable[[Mesh], tuple[str, ...]] | None] = {
     "batch": "data",
     "layers": None,
     "vocab": "tensor",
@@ -36,7 +40,7 @@ RULES: dict[str, str | None] = {
     "q_lora": None,
     "kv_lora": None,
     "mlp": "tensor",
-    "experts": "expert",
+    "experts": expert_axes,
     "norm": None,
     "positions": None,  # cache buffers: a sequence's positions stay on the devices that hold its batch row
     "rope_dim": None,
@@ -55,25 +59,40 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(sizes: dict[str, int], devices=None) -> Mesh:
+def check_expert_parallel_data(sizes: dict[str, int]) -> None:
+    """Refuses --expert-parallel-data on a mesh whose data axis has one device: there is nothing to split over."""
+    if sizes["data"] == 1:
+        raise UserError("--expert-parallel-data splits the routed experts over the data axis of --mesh, which has one "
+                        "device; give --mesh data=N with N > 1, or drop --expert-parallel-data")
+
+
+def make_mesh(sizes: dict[str, int], devices=None, expert_parallel_data: bool = False) -> Mesh:
+    """The mesh of axes MESH_AXES. With `expert_parallel_data` (SGLang's data-parallel attention with expert-parallel
+    MoE) the routed experts split over "data" as well as "expert": the mesh then has one more axis, of size 1, named
+    EXPERT_PARALLEL_DATA, so that the one mesh every command passes on carries the layout both to where params are
+    placed (RULES) and to the MoE op (`expert_axes`), which agree by construction."""
     devices = np.asarray(devices if devices is not None else jax.devices())
     need = int(np.prod(list(sizes.values())))
     if need != devices.size:
         raise UserError(f"mesh {sizes} needs {need} devices but {devices.size} are visible; make the sizes multiply "
                         f"to {devices.size}")
-    return Mesh(devices.reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+    if expert_parallel_data:
+        check_expert_parallel_data(sizes)
+    extra = (EXPERT_PARALLEL_DATA,) if expert_parallel_data else ()
+    return Mesh(devices.reshape([sizes[a] for a in MESH_AXES] + [1] * len(extra)), MESH_AXES + extra)
 
 
 def spec_for(logical: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules=RULES) -> PartitionSpec:
-    """The PartitionSpec of one array; an axis stays whole where its mesh axis has size 1 or does not divide it."""
+    """The PartitionSpec of one array. A dim splits over its rule's mesh axes of size > 1 whose product divides it
+    (`split_axes`, as the per-shard ops cut their operands), each mesh axis used once per array; else it stays
+    whole."""
     out, used = [], set()
     for name, dim in zip(logical, shape):
-        axis = rules.get(name)
-        if axis is None or axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]:
-            out.append(None)
-        else:
-            out.append(axis)
-            used.add(axis)
+        wanted = rules.get(name) or ()
+        wanted = wanted(mesh) if callable(wanted) else (wanted,) if isinstance(wanted, str) else wanted
+        axes = split_axes(mesh, dim, *(a for a in wanted if a not in used))
+        used.update(axes or ())
+        out.append(axes[0] if axes and len(axes) == 1 else axes)
     return PartitionSpec(*out)
 
 
@@ -111,13 +130,19 @@ def init_sharded(build: Callable[[], nnx.Module], mesh: Mesh, rules=RULES) -> nn
     return nnx.merge(graphdef, state)
 
 
+def splits_as_is(batch: int, data: int) -> bool:
+    """Whether `batch` sequences run on `data` devices of the batch's mesh axis without padding: their rows split
+    evenly, or it is one sequence, whose prefill splits each chunk's tokens over that axis instead
+    (`chunk_sharding`) against a cache whole on each of its devices."""
+    return batch % data == 0 or batch == 1
+
+
 def cache_batch(batch: int, mesh: Mesh | None, rules=RULES) -> int:
-    """The batch a cache is built for: `batch` padded up to a multiple of the batch's mesh axis, so that its rows
-    split over that axis (`Engine` fills the extra rows with a one-token prompt and drops their outputs). One
-    sequence stays one: its prefill splits each chunk's tokens over that axis instead (`chunk_sharding`), against a
-    cache whole on each of its devices."""
+    """The batch a cache is built for: `batch` as it is where it `splits_as_is`, else padded up to a multiple of the
+    batch's mesh axis, so that its rows split over that axis (`Engine` fills the extra rows with a one-token prompt
+    and drops their outputs)."""
     n = mesh.shape[rules["batch"]] if mesh is not None else 1
-    return batch if batch == 1 else -(-batch // n) * n
+    return batch if splits_as_is(batch, n) else -(-batch // n) * n
 
 
 def cache_shardings(cache, mesh: Mesh, rules=RULES):
@@ -179,12 +204,14 @@ def mesh_from_args(a) -> Mesh | None:
     """The mesh of a command's parallelism flags (`ic_jax.cli.add_mesh_arguments`); None without --mesh. With
     --distributed the job is joined first, so the mesh spans every process's devices, and only process 0 keeps
     its stdout (every process runs the same program; one prints it)."""
-    sizes = parse_mesh(a.mesh) if a.mesh else None  # a bad spec ends before any job is joined
+    sizes = parse_mesh(a.mesh)  # bad flags end before any job is joined
+    if a.expert_parallel_data:
+        check_expert_parallel_data(sizes)
     if a.distributed:
         init_distributed(a.coordinator, a.num_processes, a.process_id)
         if jax.process_index() != 0:
             sys.stdout = open(os.devnull, "w")
-    return make_mesh(sizes) if sizes else None
+    return make_mesh(sizes, expert_parallel_data=a.expert_parallel_data) if a.mesh else None
 
 
 def splitting_chunk(chunk: int, mesh: Mesh | None, rules=RULES) -> int:
@@ -197,9 +224,9 @@ def splitting_chunk(chunk: int, mesh: Mesh | None, rules=RULES) -> int:
 def check_data_split(n: int, mesh: Mesh | None, what: str, one_prompt_ok: bool = False) -> None:
     """Refuses `n` rows (a batch, a number of windows) that do not split evenly over the mesh's "data" axis: rows
     left whole on every device would compute and hold `data` times the work. With `one_prompt_ok`, one sequence
-    passes: its prefill splits each chunk's tokens over "data" instead (`chunk_sharding`)."""
+    passes: its prefill splits each chunk's tokens over "data" instead (`splits_as_is`)."""
     data = mesh.shape["data"] if mesh is not None else 1
-    if n % data and not (one_prompt_ok and n == 1):
+    if not (splits_as_is(n, data) if one_prompt_ok else n % data == 0):
         raise UserError(f"{what} {n} does not split over the {data} devices of the data axis of --mesh; give a "
                         f"multiple of {data} or a --mesh with another data size")
 
