@@ -45,16 +45,53 @@ def test_load_with_pattern_drops_unused_indexers(tmp_path):
 
 
 SHARDED_RESTORE = """
-import os, sys
+import collections, os, sys, weakref
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 from pathlib import Path
 import jax, numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+import ic_jax
 from ic_jax.model.config import load_config
 from ic_jax.model.dsa import DSAModel
 from ic_jax.runtime import checkpoint
 from ic_jax.runtime.sharding import is_variable, make_mesh, param_shardings, parse_mesh
+# live device bytes, measured after every line of ic_jax code that runs (sys.settrace): what each device holds
+# between the loader's steps, whatever those steps are
+PACKAGE = os.path.dirname(ic_jax.__file__)
+SIZES = {}  # id -> (weak reference, devices, bytes per device): live arrays are summed at every change
+
+
+def held(arrays=None):
+    per = collections.Counter()
+    for a in jax.live_arrays() if arrays is None else arrays:
+        hit = SIZES.get(id(a))
+        if hit is None or hit[0]() is not a:
+            hit = SIZES[id(a)] = (weakref.ref(a), a.sharding.addressable_devices,
+                                  int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize)
+        for d in hit[1]:
+            per[d] += hit[2]
+    return per
+
+
+def peak_during(fn):
+    peak, seen = held(), [None]
+
+    def measure(frame, event, arg):
+        live = frozenset(map(id, jax.live_arrays()))
+        if live != seen[0]:
+            seen[0] = live
+            for d, n in held().items():
+                peak[d] = max(peak[d], n)
+        return measure
+
+    sys.settrace(lambda frame, event, arg: measure if frame.f_code.co_filename.startswith(PACKAGE) else None)
+    try:
+        return fn(), peak
+    finally:
+        sys.settrace(None)
+
+
 ck = Path(sys.argv[1])
 cfg = load_config("tiny").replace(dtype="float32")
 checkpoint.save_checkpoint(ck, DSAModel(cfg, "F" * 8, nnx.Rngs(3)))
@@ -64,7 +101,14 @@ top, layers = checkpoint.read_params(ck, cfg, mesh)
 assert layers[1]["ffn"]["w_gate"].sharding.spec == P("expert", None, "tensor"), layers[1]["ffn"]["w_gate"].sharding
 assert top["lm_head"].sharding.spec == P(None, "tensor") and len(top["lm_head"].sharding.device_set) == 8
 whole = checkpoint.load_checkpoint(ck, "FSSSFSSS")
-placed = checkpoint.load_checkpoint(ck, "FSSSFSSS", mesh=mesh)
+# the bound: while it loads, no device holds more than its share of the stacked params and of one layer
+one_layer = {d: max(held(jax.tree.leaves(layer))[d] for layer in layers) for d in mesh.devices.flat}
+before = held()
+placed, peak = peak_during(lambda: checkpoint.load_checkpoint(ck, "FSSSFSSS", mesh=mesh))
+stacked = held(jax.tree.leaves(nnx.state(placed, nnx.Param)))
+for d in peak:
+    assert peak[d] - before[d] <= stacked[d] + one_layer[d], (d, peak[d] - before[d], stacked[d], one_layer[d])
+assert min(stacked.values()) > 0 and len(peak) == 8
 leaves = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param), is_leaf=is_variable)
 for v, want, ref in zip(leaves(placed), jax.tree.leaves(param_shardings(placed, mesh)), leaves(whole), strict=True):
     x = v.get_value()
@@ -76,7 +120,9 @@ print("RESTORED_SHARDED")
 
 def test_restore_into_shardings_on_a_mesh(tmp_path):
     """With a mesh, orbax reads every array into its shards on 8 fake CPU devices (a subprocess: the device count
-    is fixed when the backend starts); the params equal an unsharded load."""
+    is fixed when the backend starts); the params equal an unsharded load. While the model loads, no device holds
+    more than its share of the stacked params plus its share of one layer (the old restore held every layer as
+    saved and then the stacked copy: about twice the params)."""
     r = subprocess.run([sys.executable, "-c", SHARDED_RESTORE, str(tmp_path / "ck")], capture_output=True, text=True,
                        timeout=600)
     assert "RESTORED_SHARDED" in r.stdout, r.stderr[-3000:]

@@ -4,12 +4,18 @@ and back (--to-hf).
 Examples:
   python -m ic_jax.convert --hf ~/models/DeepSeek-V3.2 --out ckpt/v32
   python -m ic_jax.convert --hf ~/models/GLM-5.2 --out ckpt/glm52 --dtype float32
+  python -m ic_jax.convert --hf ~/models/GLM-5.2 --out ckpt/glm52 --mesh tensor=8 --distributed  # on every host
   python -m ic_jax.convert --to-hf --ckpt ckpt/v32 --out hf/v32-indexcache --pattern @runs/search/keep0.25.json
 
 FP8 weights are dequantized with their 128 x 128 block scales. The schedule the config declares (indexer_types,
 index_topk_pattern, or index_topk_freq + index_skip_topk_offset) becomes the checkpoint's default pattern; layers
 that ship no indexer can only run as S. A stopped conversion continues where it was when run again: converted
 layers wait in a work folder beside --out (.NAME.convert-work), removed once the checkpoint is written.
+
+With --mesh, the params are placed on the mesh's devices as a model's params are (each process reads from the work
+folder only the slices its devices hold) and each process writes its own shards. With --distributed, run the same
+command on every host, with --hf, --out and the work folder on a file system they share: the layers are converted by
+all processes in turn, and process 0 alone makes and swaps in the checkpoint folder.
 
 --to-hf writes safetensors and config.json in the source architecture's layout (see hf_export.py): the pattern
 (default: the checkpoint's) as indexer_types and index_topk_pattern, the S layers without indexer tensors,
@@ -22,13 +28,16 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ic_jax.cli import ArgumentParser, entry
+import jax
+
+from ic_jax.cli import ArgumentParser, add_mesh_arguments, entry
 from ic_jax.convert.hf_export import export
 from ic_jax.convert.hf_import import convert, saved_tree
 from ic_jax.errors import UserError
 from ic_jax.files import claim_output_dir
 from ic_jax.model.pattern import describe_layout
 from ic_jax.runtime.checkpoint import save_params
+from ic_jax.runtime.sharding import mesh_from_args
 from ic_jax.runtime.tokenizer import find_chat_template, special_tokens
 
 
@@ -45,6 +54,7 @@ def parse_args(argv):
                    help="parameter dtype (default: float32 for an fp32 checkpoint, else bfloat16)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_mesh_arguments(p)
     return p.parse_args(argv)
 
 
@@ -56,6 +66,8 @@ def work_dir(out: Path) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.to_hf:
+        if args.mesh or args.distributed:
+            raise UserError("--mesh and --distributed go with --hf (a conversion); drop them with --to-hf")
         return export_main(args)
     if args.ckpt is not None or args.pattern is not None:
         raise UserError("--ckpt and --pattern go with --to-hf; pass --to-hf to export, or --hf alone to convert")
@@ -64,17 +76,19 @@ def main(argv=None) -> int:
     if not (args.hf / "config.json").is_file():
         raise UserError(f"--hf {args.hf} has no config.json; pass a Hugging Face model folder")
     out = claim_output_dir(args.out, "--out", overwrite=args.overwrite)
+    mesh = mesh_from_args(args)
     work = work_dir(out)
-    p = convert(args.hf, work, args.dtype, progress=not args.quiet)
+    p = convert(args.hf, work, args.dtype, progress=not args.quiet and jax.process_index() == 0)
     tokenizer = args.hf / "tokenizer.json"
     meta = {"converted_from": str(args.hf.absolute()), "architecture": p.info.architecture, "notes": p.notes,
             "indexers_shipped": p.shipped, "hf_config": p.info.raw, "special_tokens": special_tokens(args.hf)}
     chat = find_chat_template(args.hf)
     if chat is not None:  # generate --chat reads it from meta.json
         meta["chat_template"] = chat[0]
-    save_params(out, p.info.cfg, saved_tree(p, work), pattern=p.pattern if "S" in p.pattern else None,
+    save_params(out, p.info.cfg, saved_tree(p, work), mesh=mesh, pattern=p.pattern if "S" in p.pattern else None,
                 tokenizer_file=tokenizer if tokenizer.is_file() else None, meta=meta, overwrite=True)
-    shutil.rmtree(work, ignore_errors=True)
+    if jax.process_index() == 0:  # every process has written its shards: save_params ends at a barrier
+        shutil.rmtree(work, ignore_errors=True)
     for note in p.notes:
         print(f"note: {note}")
     cfg = p.info.cfg

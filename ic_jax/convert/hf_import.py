@@ -3,7 +3,8 @@
 `convert` writes each tensor (read by `ic_jax.runtime.hf.reading`) into its layer's .npy file in a work folder,
 through a memory map that is unmapped after each tensor; a unit (the top-level tensors, one layer) is marked done
 once all of it is on disk, and a run that was stopped skips the units marked done. `saved_tree` then opens the
-files read-only, memory-mapped, for the checkpoint writer, so the final save holds no copy of the model either.
+files read-only, memory-mapped, for the checkpoint writer, so the final save holds no copy of the model either (with
+a mesh, each process copies out of them only the slices its devices hold, `checkpoint.place_layers`).
 """
 
 from __future__ import annotations
@@ -21,20 +22,27 @@ import numpy as np
 from flax import nnx
 
 from ic_jax.files import atomic_write_text
+from ic_jax.runtime.checkpoint import sync_processes
 from ic_jax.runtime.hf.names import get_path
-from ic_jax.runtime.hf.reading import Plan, abstract_model, copy_tensors, plan, slots
+from ic_jax.runtime.hf.reading import Plan, abstract_model, copy_tensors, plan
+from ic_jax.runtime.stacked import slots
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def convert(hf_dir: Path, work: Path, dtype: str | None = None, progress: bool = True) -> Plan:
     """Converts every tensor into `work` (see the module docstring); units done by an earlier call for the same
-    source, dtype and config are kept. Returns the plan; `saved_tree(plan, work)` is the result."""
+    source, dtype and config are kept. In a job of several processes (sharing the file system), process 0 prepares
+    `work`, each process converts every n-th unit and all return when every unit is done. Returns the plan;
+    `saved_tree(plan, work)` is the result."""
     p = plan(hf_dir, dtype)
-    start_work(work, {"source": str(Path(hf_dir).absolute()), "dtype": p.info.cfg.dtype,
-                      "config": hashlib.sha256(json.dumps(p.info.raw, sort_keys=True).encode()).hexdigest()})
+    if jax.process_index() == 0:
+        start_work(work, {"source": str(Path(hf_dir).absolute()), "dtype": p.info.cfg.dtype,
+                          "config": hashlib.sha256(json.dumps(p.info.raw, sort_keys=True).encode()).hexdigest()})
+    sync_processes("convert work folder ready")
     abstract = per_layer_abstract(p)
-    todo = [(key, ts) for key, ts in p.units if not (work / key / "done").is_file()]
+    mine = p.units[jax.process_index()::jax.process_count()]
+    todo = [(key, ts) for key, ts in mine if not (work / key / "done").is_file()]
 
     def put(key, t, value):
         leaf = get_path(abstract[key], t.path)
@@ -52,6 +60,7 @@ def convert(hf_dir: Path, work: Path, dtype: str | None = None, progress: bool =
 
     copy_tensors(p, todo, put, lambda key, t: get_path(abstract[key], t.path).dtype, progress,
                  done=lambda key: mark_done(work / key))
+    sync_processes("convert units done")
     return p
 
 

@@ -7,7 +7,13 @@ Layout of a checkpoint directory:
   pattern.json     optional default pattern ({"pattern": "FSSS..."}), used when none is given at load
   tokenizer.json   optional Hugging Face tokenizer (else byte-level)
   meta.json        free-form facts about how it was made (training steps, losses, settings, ...)
-The params are pattern-free: `load_checkpoint(dir, pattern)` builds any pattern and drops unneeded indexers.
+The params are pattern-free: `load_checkpoint(dir, pattern)` builds any pattern and drops unneeded indexers. It
+reads one layer at a time into the stacked params, made empty in their shardings first (`runtime.stacked`): a device
+never holds more than its share of the stacked params and of the layer being read.
+
+With a mesh, `save_params` writes each array from the shards its devices hold; in a job of several processes each
+writes its own shards, and process 0 alone makes, fills and swaps in the hidden folder, the others waiting at
+barriers, so that the atomic replacement holds for the job as for one process.
 
 A damaged checkpoint or state is one UserError naming it and what is wrong. Saved arrays are checked before
 orbax reads them: when orbax's reader fails halfway, its I/O threads print tracebacks ("Event loop is closed")
@@ -29,16 +35,39 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from ic_jax.errors import UserError
-from ic_jax.files import atomic_write_text, claim_output_dir, new_temp_dir, publish_dir, read_json, remove_path
+from ic_jax.files import (
+    atomic_write_text,
+    claim_output_dir,
+    new_temp_dir,
+    publish_dir,
+    read_json,
+    remove_path,
+)
 from ic_jax.model.config import ModelConfig
-from ic_jax.model.dsa import Block, DSAModel, build_model, layer_params, top_params
-from ic_jax.model.pattern import LayerKind, PatternError, check_pattern, load_pattern_file, parse_pattern
-from ic_jax.runtime.sharding import is_variable, shard_model, spec_for
+from ic_jax.model.dsa import DSAModel, layer_params, top_params
+from ic_jax.model.pattern import (
+    PatternError,
+    check_pattern,
+    load_pattern_file,
+    parse_pattern,
+)
+from ic_jax.runtime.stacked import (
+    empty_params,
+    layer_shardings,
+    slice_sharding,
+    slots,
+    target_shardings,
+    write_slice,
+)
 
 CHECKPOINT_FIX = "restore it from a copy or make the checkpoint again"
+TOP = ("embed", "lm_head", "final_norm")  # the params outside the layers
+NAME_BYTES = 255  # the longest file name: the hidden folder's name, as process 0 tells the others
 
 
 def save_checkpoint(path: str | Path, model: DSAModel, *, pattern: str | None = None, tokenizer_file: Path | None = None,
@@ -50,34 +79,81 @@ def save_checkpoint(path: str | Path, model: DSAModel, *, pattern: str | None = 
                        overwrite=overwrite)
 
 
-def save_params(path: str | Path, cfg: ModelConfig, tree: dict, *, pattern: str | None = None,
-                tokenizer_file: Path | None = None, meta: dict[str, Any] | None = None,
+def save_params(path: str | Path, cfg: ModelConfig, tree: dict, *, mesh: Mesh | None = None,
+                pattern: str | None = None, tokenizer_file: Path | None = None, meta: dict[str, Any] | None = None,
                 overwrite: bool = False) -> Path:
     """`save_checkpoint` for a params tree {"top": ..., "layers": [...]} of host arrays or jax arrays. Host arrays
     are written from where they are: not deep-copied first (orbax's default) and not compressed (weights barely
     compress, and compressing holds every array's compressed copy until the write ends), so memory maps are
-    read page by page as they are written and a converted model never sits whole in host memory."""
+    read page by page as they are written and a converted model never sits whole in host memory.
+
+    With `mesh`, host arrays are first placed in the shardings `load_checkpoint` gives them, each process reading
+    only the slices its devices hold. In a job of several processes, every process calls this with the same tree:
+    each writes its own shards (host arrays: process 0 writes them) and process 0 writes the rest."""
     path = claim_output_dir(path, "--out", overwrite=overwrite).absolute()
     if pattern is not None:
         check_pattern(pattern, cfg.num_hidden_layers)
-    tmp = new_temp_dir(path)
+    if mesh is not None:
+        tree = place_layers(tree, cfg, mesh)
+    first = jax.process_index() == 0
+    tmp = shared_temp_dir(path)
     try:
         registry = ocp.type_handlers.create_type_handler_registry(
             (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
             (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
         ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)).save(
             tmp / "params", args=ocp.args.PyTreeSave(tree))
-        atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
-        if pattern is not None:
-            atomic_write_text(tmp / "pattern.json", json.dumps({"pattern": pattern}, indent=2))
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        atomic_write_text(tmp / "meta.json", json.dumps(meta or {}, indent=2))
-        publish_dir(tmp, path)
+        if first:
+            atomic_write_text(tmp / "config.json", json.dumps(cfg.to_dict(), indent=2))
+            if pattern is not None:
+                atomic_write_text(tmp / "pattern.json", json.dumps({"pattern": pattern}, indent=2))
+            if tokenizer_file is not None:
+                shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+            atomic_write_text(tmp / "meta.json", json.dumps(meta or {}, indent=2))
+            publish_dir(tmp, path)
+        sync_processes("checkpoint published")  # no process goes on before the checkpoint is in place
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if first:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def shared_temp_dir(path: Path) -> Path:
+    """The hidden folder to build the replacement of `path` in (`files.new_temp_dir`), made by process 0; the other
+    processes of a job learn its name from process 0, which makes it before it answers."""
+    if jax.process_count() == 1:
+        return new_temp_dir(path)
+    name = np.zeros(NAME_BYTES, np.uint8)
+    if jax.process_index() == 0:
+        made = new_temp_dir(path).name.encode()
+        name[:len(made)] = np.frombuffer(made, np.uint8)
+    name = np.asarray(multihost_utils.broadcast_one_to_all(name))
+    return path.with_name(name.tobytes().rstrip(b"\0").decode())
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process of the job reaches the barrier `name` (the same text in each; nothing with one
+    process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def place_layers(tree: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
+    """The params tree {"top": ..., "layers": [...]} of host arrays on `mesh`, each array in the sharding it takes in
+    a model (`param_shardings`, the layer's slice of its stacked param); each process reads only the slices its
+    own devices hold."""
+    model = nnx.eval_shape(lambda: DSAModel(cfg, "F" * cfg.num_hidden_layers, nnx.Rngs(0)))
+    shardings = target_shardings(model, mesh)
+    per_layer = layer_shardings(model, shardings)
+
+    def placed(subtree, where):
+        where = flatten_dict(where)
+        return jax.tree_util.tree_map_with_path(lambda path, a: jax.make_array_from_callback(
+            a.shape, where[_plain(path)], lambda index: np.asarray(a[index])), subtree)
+
+    return {"top": placed(tree["top"], shardings),
+            "layers": [placed(layer, where) for layer, where in zip(tree["layers"], per_layer)]}
 
 
 def read_config(path: str | Path) -> ModelConfig:
@@ -118,91 +194,176 @@ def load_checkpoint(path: str | Path, pattern: str | None = None, cfg: ModelConf
                     mesh: Mesh | None = None) -> DSAModel:
     """Builds the model for `pattern` (any accepted spelling; default: the checkpoint's, else all F).
 
-    `cfg`, when given, must describe the same shapes as the checkpoint's own config. With `mesh` every array is
-    read straight into its shards (each process reads what its devices hold) and the params come back placed by
-    `sharding.param_shardings`.
+    `cfg`, when given, must describe the same shapes as the checkpoint's own config. The stacked params are made
+    empty in their shardings (`sharding.param_shardings` on `mesh`, else this process's first device),
+    then filled one layer at a time, each layer read straight into its slices' shards (each process reads what its
+    devices hold): no device holds more than its share of the params and of one layer.
     """
     path = Path(path)
     saved_cfg = read_config(path)
     read_meta(path)  # not needed to build the model, but damage there means a damaged copy
     cfg = cfg or saved_cfg
     pattern = parse_pattern(pattern if pattern is not None else default_pattern(path), cfg.num_hidden_layers)
-    top, layers = read_params(path, saved_cfg, mesh)
-    if len(layers) != cfg.num_hidden_layers:
-        raise UserError(f"config has {cfg.num_hidden_layers} layers but checkpoint {path} has {len(layers)}; "
+    saved = SavedParams(path, saved_cfg)
+    if saved.num_layers != cfg.num_hidden_layers:
+        raise UserError(f"config has {cfg.num_hidden_layers} layers but checkpoint {path} has {saved.num_layers}; "
                         f"use the checkpoint's own config")
-    try:
-        model = build_model(cfg, pattern, layers, top)
-    except (ValueError, KeyError) as e:
-        raise UserError(f"checkpoint {path} does not match the config: {e}") from None
-    return model if mesh is None else shard_model(model, mesh)  # stacking the layers kept their shards
+    model = nnx.eval_shape(lambda: DSAModel(cfg, pattern, nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    abstract = flatten_dict(nnx.to_pure_dict(state))
+    problem = saved.mismatch(model, abstract)
+    if problem is not None:
+        raise UserError(f"checkpoint {path} does not match the config: {problem}")
+    shardings = flatten_dict(target_shardings(model, mesh))
+    nnx.replace_by_pure_dict(state, unflatten_dict(fill_stacked(saved, model, abstract, shardings)))
+    nnx.update(model, state)
+    return model
+
+
+def fill_stacked(saved: SavedParams, model: DSAModel, abstract: dict, shardings: dict) -> dict:
+    """The stacked params of `model` (flattened: `abstract` shapes, placed by `shardings`), made empty, then filled
+    from `saved` one layer at a time, each layer written into its slices in place."""
+    params = flatten_dict(empty_params(unflatten_dict(abstract), unflatten_dict(shardings)))
+
+    def args(k, sharding):
+        return ocp.ArrayRestoreArgs(sharding=sharding, dtype=abstract[k].dtype)
+
+    params.update(saved.read({k: args(k, shardings[k]) for k in abstract if k[0] in TOP}))
+    for layer, (g, pos, rep) in slots(model).items():
+        stacked = {k[4:]: k for k in abstract if k[:4] == ("groups", g, "blocks", pos)}
+        reading = {name: args(k, slice_sharding(shardings[k], 1)) for name, k in stacked.items()}
+        # the layer read is held by nothing once written: the next one is read with only the stacked params held
+        written = write_slice({name: params[k] for name, k in stacked.items()}, saved.read(reading, layer), (rep,))
+        params.update({k: written[name] for name, k in stacked.items()})
+    return params
 
 
 def read_params(path: Path, saved_cfg: ModelConfig, mesh: Mesh | None = None) -> tuple[dict, list[dict]]:
-    """(top-level params, per-layer params) as saved: S layers of a converted checkpoint have no "indexer".
-    With `mesh`, each array is read into its shards (`saved_shardings`)."""
-    placement = None if mesh is None else functools.partial(saved_shardings, saved_cfg, mesh)
-    tree = restore_tree(path / "params", f"checkpoint {path}", CHECKPOINT_FIX, placement)
-    if not isinstance(tree, dict) or not {"top", "layers"} <= tree.keys():
-        raise UserError(f"checkpoint {path}: params/ is not an ic_jax parameter tree (no top and layers); "
-                        f"{CHECKPOINT_FIX}")
-    layers = tree["layers"]
-    if isinstance(layers, dict):  # orbax may give a list back as a dict keyed "0", "1", ...
-        layers = [layers.get(str(i)) for i in range(len(layers))]
-    if len(layers) != saved_cfg.num_hidden_layers:
-        raise UserError(f"checkpoint {path}: params/ holds {len(layers)} layers but its config.json says "
-                        f"{saved_cfg.num_hidden_layers}; {CHECKPOINT_FIX}")
-    return tree["top"], layers
+    """(top-level params, per-layer params) as saved (S layers of a converted checkpoint have no "indexer"): host
+    arrays, or with `mesh` jax arrays in the shardings a model gives them (a layer's slice of its stacked param)."""
+    saved = SavedParams(path, saved_cfg)
+    if mesh is None:
+        return saved.read_all(lambda keys: ocp.RestoreArgs(restore_type=np.ndarray))
+    model = nnx.eval_shape(lambda: DSAModel(saved_cfg, "F" * saved_cfg.num_hidden_layers, nnx.Rngs(0)))
+    shardings = target_shardings(model, mesh)
+    top, per_layer = flatten_dict(shardings), [flatten_dict(where) for where in layer_shardings(model, shardings)]
+
+    def restore_args(keys):
+        sharding = top.get(keys[1:]) if keys[0] == "top" else per_layer[keys[1]].get(keys[2:])
+        if sharding is None:
+            raise UserError(f"checkpoint {path}: params/{'/'.join(map(str, keys))} is not a parameter of this "
+                            f"config; {CHECKPOINT_FIX}")
+        return ocp.ArrayRestoreArgs(sharding=sharding)
+
+    return saved.read_all(restore_args)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # reading orbax trees safely
 
 
-def saved_shardings(cfg: ModelConfig, mesh: Mesh, saved):
-    """ArrayRestoreArgs for the saved param tree (its orbax metadata `saved`): each array's NamedSharding from its
-    logical axes, a layer's params as in a block of its kind without the stacking axis (an S layer of a converted
-    checkpoint has no indexer: the F kind names all it has)."""
-    def axes_by_path(module) -> dict[tuple, tuple[str, ...]]:
-        flat = jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.Param), is_leaf=is_variable)[0]
-        return {_plain(path): v.logical_axes for path, v in flat}
+class SavedParams:
+    """The params/ of checkpoint `path`, checked (`tree_problem`) and described by its metadata, then read a
+    subtree at a time."""
 
-    top = axes_by_path(nnx.eval_shape(lambda: DSAModel(cfg, "F" * cfg.num_hidden_layers, nnx.Rngs(0))))
-    block = {moe: axes_by_path(nnx.eval_shape(lambda moe=moe: Block(cfg, LayerKind(full=True, moe=moe), nnx.Rngs(0))))
-             for moe in (False, True)}
+    def __init__(self, path: Path, saved_cfg: ModelConfig):
+        self.path = Path(path)
+        self.directory = self.path / "params"
+        self.owner = f"checkpoint {path}"
+        self.checkpointer = ocp.PyTreeCheckpointer()
+        problem = tree_problem(self.directory)
+        if problem is not None:
+            raise UserError(f"{self.owner}: {problem}; {CHECKPOINT_FIX}")
+        self.tree = self._guard(lambda: self.checkpointer.metadata(self.directory.absolute()).item_metadata.tree)
+        if not isinstance(self.tree, dict) or not {"top", "layers"} <= self.tree.keys():
+            raise UserError(f"{self.owner}: params/ is not an ic_jax parameter tree (no top and layers); "
+                            f"{CHECKPOINT_FIX}")
+        # path in the saved tree ("layers", layer as an int, ...) -> array metadata
+        self.leaves = {self._key(p): meta for p, meta in jax.tree_util.tree_flatten_with_path(self.tree)[0]}
+        self.num_layers = len(self.tree["layers"])
+        if self.num_layers != saved_cfg.num_hidden_layers:
+            raise UserError(f"{self.owner}: params/ holds {self.num_layers} layers but its config.json says "
+                            f"{saved_cfg.num_hidden_layers}; {CHECKPOINT_FIX}")
 
-    def restore_args(path, meta):
-        keys = _plain(path)
-        axes = top.get(keys[1:]) if keys[0] == "top" else block[cfg.is_moe(int(keys[1]))].get(keys[2:])
-        if axes is None or len(axes) != len(meta.shape):
-            raise UserError(f"params/{'/'.join(map(str, keys))} is not a parameter of this config; {CHECKPOINT_FIX}")
-        sharding = NamedSharding(mesh, spec_for(axes, tuple(meta.shape), mesh))
-        return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(meta.shape))
+    def layer(self, i: int) -> dict[tuple, Any]:
+        """Layer `i`'s array metadata by its path in the layer."""
+        return {k[2:]: meta for k, meta in self.leaves.items() if k[:2] == ("layers", i)}
 
-    return jax.tree_util.tree_map_with_path(restore_args, saved)
+    def mismatch(self, model: DSAModel, abstract: dict[tuple, jax.ShapeDtypeStruct]) -> str | None:
+        """What keeps these params from filling `model` (its flattened `abstract` params), or None. An F layer needs
+        its indexer; an S layer's is not read."""
+        top = {k[1:]: meta for k, meta in self.leaves.items() if k[0] == "top"}
+        problem = _names_and_shapes("the top-level params", top,
+                                    {k: a.shape for k, a in abstract.items() if k[0] in TOP})
+        if problem is not None:
+            return problem
+        for layer, (g, pos, _) in slots(model).items():
+            want = {k[4:]: a.shape[1:] for k, a in abstract.items() if k[:4] == ("groups", g, "blocks", pos)}
+            got = self.layer(layer)
+            full = any(k[0] == "indexer" for k in want)
+            if full and not any(k[0] == "indexer" for k in got):
+                return f"layer {layer} is F in the pattern but has no indexer weights"
+            problem = _names_and_shapes(f"layer {layer}", {k: meta for k, meta in got.items()
+                                                           if full or k[0] != "indexer"}, want)
+            if problem is not None:
+                return problem
+        return None
+
+    def read(self, args: dict[tuple, ocp.RestoreArgs], layer: int | None = None) -> dict[tuple, Any]:
+        """The arrays of the top-level params (or of layer `layer`) at the paths `args` names, each read by its
+        args; nothing else is read."""
+        prefix = ("top",) if layer is None else ("layers", layer)
+        got = self._restore({prefix + path: a for path, a in args.items()})
+        return {k[len(prefix):]: array for k, array in got.items()}
+
+    def read_all(self, restore_args) -> tuple[dict, list[dict]]:
+        """(top, layers) of every saved array, each read with `restore_args(its path)`."""
+        got = self._restore({k: restore_args(k) for k in self.leaves})
+        top = unflatten_dict({k[1:]: a for k, a in got.items() if k[0] == "top"})
+        return top, [unflatten_dict({k[2:]: a for k, a in got.items() if k[:2] == ("layers", i)})
+                     for i in range(self.num_layers)]
+
+    def _restore(self, args: dict[tuple, ocp.RestoreArgs]) -> dict[tuple, Any]:
+        """The arrays at the paths `args` names, each restored by its args; the others are left unread (orbax
+        placeholders)."""
+        restore_args = jax.tree_util.tree_map_with_path(lambda p, _: args.get(self._key(p), ocp.PLACEHOLDER),
+                                                        self.tree)
+        item = jax.tree.map(lambda a: ocp.PLACEHOLDER if a is ocp.PLACEHOLDER else 0, restore_args)
+        got = self._guard(lambda: self.checkpointer.restore(
+            self.directory.absolute(), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)))
+        flat = jax.tree_util.tree_flatten_with_path(got)[0]
+        return {k: a for k, a in ((self._key(p), a) for p, a in flat) if k in args}
+
+    @staticmethod
+    def _key(leaf_path) -> tuple:
+        """An orbax key path as plain keys, the layer as an int (orbax may key a list by "0", "1", ...)."""
+        k = _plain(leaf_path)
+        return (k[0], int(k[1]), *k[2:]) if k[0] == "layers" else k
+
+    def _guard(self, read):
+        try:
+            return read()
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any reader failure on checked files is damage we cannot name better
+            raise UserError(f"{self.owner}: params/ cannot be read ({_first_line(e)}); {CHECKPOINT_FIX}") from None
+
+
+def _names_and_shapes(what: str, got: dict[tuple, Any], want: dict[tuple, tuple]) -> str | None:
+    """What differs between the saved arrays `got` (path -> metadata) and the shapes `want` (path -> shape)."""
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys(), key=str)
+    if missing or extra:
+        name = "/".join(map(str, (missing or extra)[0]))
+        return f"{what}: {'no ' + name if missing else name + ' is not a parameter of this config'}"
+    for k, shape in want.items():
+        if tuple(got[k].shape) != tuple(shape):
+            return f"{what}: {'/'.join(map(str, k))} has shape {tuple(got[k].shape)}, the config needs {tuple(shape)}"
+    return None
 
 
 def _plain(path) -> tuple:
     """A jax key path as plain keys: names and indices."""
     return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-
-
-def restore_tree(directory: Path, owner: str, fix: str, placement=None):
-    """The orbax PyTree saved at `directory`; `owner` names what it belongs to in the error. `placement` (the saved
-    tree's metadata -> a tree of ArrayRestoreArgs), when given, says where each array is read to."""
-    problem = tree_problem(directory)
-    if problem is None:
-        checkpointer = ocp.PyTreeCheckpointer()
-        try:
-            if placement is None:
-                return checkpointer.restore(directory.absolute())
-            args = placement(checkpointer.metadata(directory.absolute()).item_metadata.tree)
-            return checkpointer.restore(directory.absolute(), args=ocp.args.PyTreeRestore(restore_args=args))
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any reader failure on checked files is damage we cannot name better
-            problem = f"{directory.name}/ cannot be read ({_first_line(e)})"
-    raise UserError(f"{owner}: {problem}; {fix}")
 
 
 def tree_problem(directory: Path) -> str | None:

@@ -4,14 +4,9 @@ in host memory at a time."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from ic_jax.model.dsa import DSAModel
 from ic_jax.runtime.hf.names import get_path
@@ -20,10 +15,9 @@ from ic_jax.runtime.hf.reading import (
     copy_tensors,
     plan,
     run_pattern,
-    slots,
     unit_layer,
 )
-from ic_jax.runtime.sharding import param_shardings
+from ic_jax.runtime.stacked import empty_params, slots, target_shardings, write_slice
 
 
 def load_model(hf_dir: Path, pattern: str | None = None, mesh=None, progress: bool = False) -> DSAModel:
@@ -35,12 +29,7 @@ def load_model(hf_dir: Path, pattern: str | None = None, mesh=None, progress: bo
     model = abstract_model(p.info.cfg, pattern)
     state = nnx.state(model, nnx.Param)
     abstract = nnx.to_pure_dict(state)
-    if mesh is None:
-        params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
-    else:
-        shardings = nnx.to_pure_dict(param_shardings(model, mesh))
-        params = jax.tree.map(lambda a, s: jax.jit(functools.partial(jnp.zeros, a.shape, a.dtype),
-                                                   out_shardings=s)(), abstract, shardings)
+    params = empty_params(abstract, target_shardings(model, mesh))
     where = slots(model)
 
     def locate(key, t):
@@ -62,19 +51,3 @@ def load_model(hf_dir: Path, pattern: str | None = None, mesh=None, progress: bo
     nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
     return model
-
-
-def write_slice(big: jax.Array, value: np.ndarray, index: tuple[int, ...]) -> jax.Array:
-    """big[index] = value, in place (donated), with `value` placed as big's sharding places that slice (each
-    process transfers only its own devices' part)."""
-    sharding = big.sharding
-    if isinstance(sharding, NamedSharding):
-        spec = tuple(sharding.spec) + (None,) * (big.ndim - len(sharding.spec))
-        sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[len(index):]))
-    small = jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
-    return _write(big, small, tuple(jnp.int32(i) for i in index))
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _write(big, small, index):
-    return jax.lax.dynamic_update_slice(big, small[(None,) * len(index)], (*index, *(0,) * small.ndim))

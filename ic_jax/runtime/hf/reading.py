@@ -134,12 +134,6 @@ def abstract_model(cfg, pattern: str) -> DSAModel:
     return nnx.eval_shape(lambda: DSAModel(cfg, pattern, nnx.Rngs(0)))
 
 
-def slots(model: DSAModel) -> dict[int, tuple[int, int, int]]:
-    """layer -> (stage, position in the group, repeat): where its params sit in the stacked tree."""
-    return {stage.layer_id(rep, pos): (g, pos, rep) for g, stage in enumerate(model.stage_specs)
-            for pos in range(len(stage.kinds)) for rep in range(stage.repeats)}
-
-
 def copy_tensors(p: Plan, units, put: Callable[[str, Tensor, np.ndarray], None], dtype_of: Callable,
                  progress: bool, done: Callable[[str], None] = lambda key: None) -> None:
     """Reads every tensor of `units` in order and hands it to `put(unit, tensor, array)`; `done(unit)` after each."""
