@@ -90,6 +90,17 @@ SCRIPT = textwrap.dedent("""
             got = jax.jit(lambda x: moe(x, pallas, interpret, mesh=mesh))(x)
             np.testing.assert_allclose(np.asarray(got), want[n], rtol=1e-4, atol=1e-4, err_msg=f"{spec} {n}")
         print("OP_OK", spec)
+
+    # a decode step's rows take the gathered matmul on each device's share of the experts, as unsharded: 2 rows x 2
+    # routed are fewer than the 8 experts, though not fewer than a device's 4 (a grouped matmul of mostly empty groups)
+    mesh = mesh_of("data=2")
+    shard_model(moe, mesh)
+    x = xs[16][:2]
+    assert "ragged_dot" in str(jax.make_jaxpr(lambda x: moe(x, "xla"))(xs[16]))  # the grouped path, for contrast
+    assert "ragged_dot" not in str(jax.make_jaxpr(lambda x: moe(x, "xla", mesh=mesh))(x))
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: moe(x, "xla", mesh=mesh))(x)), want[16][:2], rtol=1e-4,
+                               atol=1e-4)
+    print("DECODE_OK")
 """)
 
 
@@ -98,7 +109,7 @@ def test_experts_split_over_data_equal_unsharded():
                        cwd=Path(__file__).resolve().parent.parent)
     passed = [line for line in r.stdout.splitlines() if line.endswith("_OK") or "_OK " in line]
     assert passed == ["MODEL_OK data=2", "FLAGS_OK", "PLAN_OK", "OP_OK data=2",
-                      "OP_OK data=2,tensor=2,expert=2"], r.stdout + r.stderr[-3000:]
+                      "OP_OK data=2,tensor=2,expert=2", "DECODE_OK"], r.stdout + r.stderr[-3000:]
 
 
 CKPT = ["--ckpt", str(DEFAULT_CKPT)]

@@ -177,17 +177,20 @@ class MoE(nnx.Module):
 
 
 def routed_ffn(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Float[Array, "N k"], ws, layer, first,
-               own=None, implementation: str = "xla", interpret: bool = False) -> Float[Array, "N D"]:
+               n_experts: int | None = None, own=None, implementation: str = "xla",
+               interpret: bool = False) -> Float[Array, "N D"]:
     """The weighted sum over each token's routed experts, counting only experts first .. first + E - 1, those of
-    the weights `ws` (w_gate, w_up, w_down: [*R, E, ...], all experts or one device's share); float32.
-    With fewer routed rows than experts (decode) each row is multiplied by its expert's weights (`_gathered`),
-    else the rows are sorted by expert (`_grouped`)."""
+    the weights `ws` (w_gate, w_up, w_down: [*R, E, ...], all experts or one device's share of the `n_experts`);
+    float32. With fewer routed rows than experts (decode) each row is multiplied by its expert's weights
+    (`_gathered`), else the rows are sorted by expert (`_grouped`). The choice counts all `n_experts`, not this
+    device's share: a share gets its fraction of the rows, so splitting the experts does not turn a decode step's
+    few rows into a grouped matmul of mostly empty groups."""
     n_local = ws[0].shape[-3]
     mine = (experts >= first) & (experts < first + n_local)
     local = jnp.where(mine, experts - first, n_local)  # n_local: no expert of these weights
     weights = jnp.where(mine, weights, 0.0)
     run = dict(implementation=implementation, interpret=interpret)
-    if x.shape[0] * experts.shape[-1] < n_local:
+    if x.shape[0] * experts.shape[-1] < (n_experts or n_local):
         y = _gathered(x, jnp.minimum(local, n_local - 1), ws, layer, **run)
     else:
         y = _grouped(x, local, ws, layer, own, n_local, **run)

@@ -28,8 +28,8 @@ def expert_axes(mesh) -> tuple[str, ...]:
 
 
 def expert_parallel(mesh, local_ffn, x, experts, weights, w_gate, w_up, w_down, layer):
-    """local_ffn(x [n, D], experts [n, k], weights [n, k], (w_gate, w_up, w_down) local slices, layer, first) ->
-    this device's share of the routed output [n, D] (float32), run per shard of `mesh` and summed. The stacks are
+    """local_ffn(x [n, D], experts [n, k], weights [n, k], (w_gate, w_up, w_down) local slices, layer, first,
+    n_experts) -> this device's share of the routed output [n, D] (float32), run per shard of `mesh` and summed. The stacks are
     [R, E, D, F] / [R, E, F, D] with `layer` (an int, traced or not), or [E, D, F] / [E, F, D] with layer None; the
     experts split over those of the mesh's `expert_axes` of size > 1 whose product divides E (`split_axes`, as
     `runtime.sharding.spec_for` places them)."""
@@ -45,7 +45,7 @@ def expert_parallel(mesh, local_ffn, x, experts, weights, w_gate, w_up, w_down, 
         if gathered:
             x, experts, weights = (jax.lax.all_gather(v, gathered, axis=0, tiled=True) for v in (x, experts, weights))
         first = jax.lax.axis_index(e) * w_gate.shape[-3] if e else 0
-        y = local_ffn(x, experts, weights, (w_gate, w_up, w_down), layer, first)
+        y = local_ffn(x, experts, weights, (w_gate, w_up, w_down), layer, first, E)
         if gathered:
             y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
         return jax.lax.psum(y, summed) if summed else y
