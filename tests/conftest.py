@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import types
 
 import jax
@@ -16,6 +17,11 @@ import pytest
 from flax import nnx
 
 from ic_jax.model.config import load_config
+
+# The tests' programs are tiny and compiling them is most of the suite's time: XLA skips its costly LLVM
+# optimisations, here and in the subprocesses the tests start, which inherit the variable (=0 turns it off).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] != "0")
 
 # ----------------------------------------------------------------------------------------------------------
 # fixtures
