@@ -1,5 +1,7 @@
 """Training: the train mode, loss isolation, and exact resumption of a killed run."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,17 +21,17 @@ CFG = load_config("tiny")
 def test_train_mode_matches_forward_and_isolates_the_indexer():
     model = DSAModel(CFG, "FSSFSFSS", nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 256)
-    logits, aux = model.forward(tokens, RunOptions(mode="train"))
-    np.testing.assert_allclose(logits, model.forward(tokens).logits, atol=1e-4)
+    graphdef, params = nnx.split(model)
+    # jitted: one compile per program (eagerly each op and scan compiles on its own)
+    forward = jax.jit(lambda p, opts: nnx.merge(graphdef, p).forward(tokens, opts), static_argnums=1)
+    train = RunOptions(mode="train")
+    logits, aux = forward(params, train)
+    np.testing.assert_allclose(logits, forward(params, RunOptions()).logits, atol=1e-4)
     np.testing.assert_allclose(aux[1]["attn"].sum(-1), 1.0, atol=1e-5)
     assert "logits" in aux[0] and "logits" not in aux[1]
-    graphdef, params = nnx.split(model)
 
     def grads(loss):
-        def f(p):
-            lg, ax = nnx.merge(graphdef, p).forward(tokens, RunOptions(mode="train"))
-            return loss(lg, ax)
-        g = nnx.merge(graphdef, jax.grad(f)(params))
+        g = nnx.merge(graphdef, jax.jit(jax.grad(lambda p: loss(*forward(p, train))))(params))
         return [(jax.tree_util.keystr(k), float(jnp.abs(v).max())) for k, v in
                 jax.tree_util.tree_flatten_with_path(layer_params(g))[0]]
 
@@ -48,7 +50,10 @@ def test_infer_mode_returns_the_same_structure_with_empty_aux():
 
 
 def test_killed_training_resumes_to_the_same_model(tmp_path, monkeypatch):
-    args = ["--config", "tiny", "--data", "ic_jax/**/*.py", "--steps", "5", "--dense-steps", "2", "--batch", "2",
+    # tiny with every layer MoE: one layer group to compile (three runs compile each training step)
+    config = tmp_path / "moe.json"
+    config.write_text(json.dumps(CFG.replace(first_k_dense_replace=0, num_hidden_layers=2).to_dict()))
+    args = ["--config", str(config), "--data", "ic_jax/**/*.py", "--steps", "5", "--dense-steps", "2", "--batch", "2",
             "--seq-len", "96", "--save-every", "2", "--warmup", "1", "--retrieval-frac", "0.5"]
     assert train.main(args + ["--out", str(tmp_path / "a")]) == 0
     calls, real = [0], train.training_batch
