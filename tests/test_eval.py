@@ -15,6 +15,7 @@ from ic_jax.calibration.losses import lm_loss
 from ic_jax.model.config import load_config
 from ic_jax.model.dsa import DSAModel, repattern
 from ic_jax.runtime.checkpoint import save_checkpoint
+from tests.test_model import forward
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = str(ROOT / "ic_jax/**/*.py")
@@ -54,7 +55,7 @@ def test_eval_rows_equal_direct_forward_passes(tmp_path, capsys):
     tokens = jnp.asarray(Corpus(resolve_files(DATA)).windows(np.random.default_rng(99), 3, 40))
     for row, pattern in zip(rows, ["FFFFFFFF", "FSSSFSSS"]):
         assert row["pattern"] == pattern and row["indexers"] == pattern.count("F")
-        want = float(lm_loss(repattern(model, pattern).forward(tokens).logits, tokens))
+        want = float(lm_loss(forward(repattern(model, pattern), tokens), tokens))
         assert row["loss"] == pytest.approx(want, abs=1e-4)
         assert 0 <= row["retrieval@128"] <= 1 and row["answer_nll@128"] > 0
 

@@ -36,6 +36,8 @@ def tokens_for(cfg, seed, batch=2, length=T):
 
 @nnx.jit
 def forward(model, tokens):
+    """The full forward pass's logits, jitted: one compile per model layout (run eagerly, each op and scan compiles
+    on its own)."""
     return model.forward(tokens).logits
 
 
@@ -325,14 +327,15 @@ def test_fp8_indexer_forward_and_gradients(tiny_cfg):
     model = DSAModel(cfg, "F" * 8, nnx.Rngs(0))
     tok = jnp.asarray(tokens_for(cfg, 7))
     assert "f8_e4m3fn" in str(jax.make_jaxpr(lambda t: model.forward(t))(tok))
-    xla = model.forward(tok, RunOptions(implementation="xla")).logits
-    assert_logits_close(model.forward(tok, RunOptions(implementation="pallas_gpu", interpret=True)).logits, xla)
     graphdef, params = nnx.split(model)
+    logits = jax.jit(lambda p, opts: nnx.merge(graphdef, p).forward(tok, opts).logits, static_argnums=1)
+    xla = logits(params, RunOptions(implementation="xla"))
+    assert_logits_close(logits(params, RunOptions(implementation="pallas_gpu", interpret=True)), xla)
 
     def loss(p):
         logits, aux = nnx.merge(graphdef, p).forward(tok, RunOptions(mode="train", index_block=T))
         return lm_loss(logits, tok) + indexer_loss(aux, "F" * 8)
 
-    grads = jax.tree_util.tree_leaves_with_path(jax.grad(loss)(params))
+    grads = jax.tree_util.tree_leaves_with_path(jax.jit(jax.grad(loss))(params))
     assert all(np.isfinite(np.asarray(g)).all() for _, g in grads)
     assert any(np.abs(np.asarray(g)).max() > 0 for path, g in grads if "indexer" in jax.tree_util.keystr(path))

@@ -16,6 +16,7 @@ from ic_jax.calibration.reuse import ReuseEvaluator
 from ic_jax.model.config import load_config
 from ic_jax.model.dsa import DSAModel, build_model, layer_params, repattern, top_params
 from ic_jax.runtime.checkpoint import save_checkpoint
+from tests.test_model import forward
 from tests.test_overlap import zero_output
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ def test_runtime_pattern_equals_the_pattern_model(model):
     ev = ReuseEvaluator(model, batch=2)
     for pattern in ["FFFFFFFF", "FSSFSFSS", "FSSSSSSS", "FFSSFFFS"]:
         got = ev.token_losses(search.flags(pattern), tokens)
-        want = token_losses(repattern(model, pattern).forward(jnp.asarray(tokens)).logits, jnp.asarray(tokens))
+        want = token_losses(forward(repattern(model, pattern), jnp.asarray(tokens)), jnp.asarray(tokens))
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -64,10 +65,10 @@ def test_greedy_finds_planted_lossless_layers(model):
     for _ in range(48):  # greedy continuation: a fixed point after T rounds
         tokens = jnp.concatenate([tokens[:, :1], fwd(tokens)[:, :-1]], axis=1)
     tokens = np.asarray(tokens)
-    base = float(lm_loss(planted.forward(jnp.asarray(tokens)).logits, jnp.asarray(tokens)))
+    base = float(lm_loss(forward(planted, jnp.asarray(tokens)), jnp.asarray(tokens)))
     for i in (1, 4, 7):  # premise, on real pattern models: other single flips hurt
         pattern = "F" * i + "S" + "F" * (7 - i)
-        logits = repattern(planted, pattern).forward(jnp.asarray(tokens)).logits
+        logits = forward(repattern(planted, pattern), jnp.asarray(tokens))
         assert float(lm_loss(logits, jnp.asarray(tokens))) > base
     ev = ReuseEvaluator(planted, batch=2)
     pattern, committed = "F" * 8, []
