@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	  --max-new-tokens 200 --temperature 0.7 --top-k 20 --seed 0 --layout --warmup
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=25
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=25
 
 bench-kernels: $(VENV)/.installed
 	$(PY) -m ic_jax.bench kernels
