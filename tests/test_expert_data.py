@@ -91,6 +91,11 @@ SCRIPT = textwrap.dedent("""
             np.testing.assert_allclose(np.asarray(got), want[n], rtol=1e-4, atol=1e-4, err_msg=f"{spec} {n}")
         print("OP_OK", spec)
 
+    # rows split over data are gathered in one collective (the rows, their experts and weights packed as bytes)
+    mesh = mesh_of("data=2")
+    shard_model(moe, mesh)
+    assert str(jax.make_jaxpr(lambda x: moe(x, "xla", mesh=mesh))(xs[16])).count("all_gather[") == 1
+
     # a decode step's rows take the gathered matmul on each device's share of the experts, as unsharded: 2 rows x 2
     # routed are fewer than the 8 experts, though not fewer than a device's 4 (a grouped matmul of mostly empty groups)
     mesh = mesh_of("data=2")

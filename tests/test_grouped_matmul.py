@@ -22,7 +22,9 @@ def numpy_reference(x, w, sizes):
 
 
 def numpy_gathered(x, w, groups):
-    return np.stack([x[i].astype(np.float64) @ w[g].astype(np.float64) for i, g in enumerate(groups)])
+    """Row i times w[groups[i]]; zeros for a group outside [0, G) (an expert of another device)."""
+    return np.stack([x[i].astype(np.float64) @ w[g].astype(np.float64) if 0 <= g < len(w) else np.zeros(w.shape[2])
+                     for i, g in enumerate(groups)])
 
 
 def check_bf16(fn, impls, x, w, routing, ref):
@@ -89,11 +91,13 @@ def test_bf16_output_dtype():
     (2, 40, 20, dict(bk=16, bn=16, splits=8)),    # more splits asked than K blocks
 ])
 def test_gathered_matches_numpy(impl, M, K, N, blocks):
-    """Row i times w[groups[i]]; groups repeat and skip matrices, as a decode step's chosen experts do."""
+    """Row i times w[groups[i]]; groups repeat and skip matrices, as a decode step's chosen experts do, and some
+    lie outside the weights (-1 and G: another device's experts), which give zero rows."""
     rng = np.random.default_rng(M * 1000 + K)
     G = 9
-    groups = rng.integers(0, G, M).astype(np.int32)
+    groups = rng.integers(-1, G + 1, M).astype(np.int32)
     groups[: min(M, 3)] = groups[0]  # a repeated expert
+    groups[M // 2:][:2] = [G, -1][: len(groups[M // 2:][:2])]
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((G, K, N)).astype(np.float32)
     if blocks:
@@ -125,6 +129,7 @@ def test_layer_of_a_stack_matches_numpy(op, impl):
     x = rng.standard_normal((M, K)).astype(np.float32)
     sizes = np.array([6, 0, 11, 9, 0], np.int32)  # 4 rows past the groups
     groups = rng.integers(0, G, M).astype(np.int32)
+    groups[:2] = [-1, G]  # no expert of this layer: not the last of the layer before, nor the first of the next
     for layer in (0, R - 1):
         if op == "grouped":
             out = jax.jit(lambda w, l: grouped_matmul(x, w, sizes, layer=l, implementation=impl, interpret=True))(

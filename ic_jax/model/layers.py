@@ -191,7 +191,7 @@ def routed_ffn(x: Float[Array, "N D"], experts: Int[Array, "N k"], weights: Floa
     weights = jnp.where(mine, weights, 0.0)
     run = dict(implementation=implementation, interpret=interpret)
     if x.shape[0] * experts.shape[-1] < (n_experts or n_local):
-        y = _gathered(x, jnp.minimum(local, n_local - 1), ws, layer, **run)
+        y = _gathered(x, local, ws, layer, **run)
     else:
         y = _grouped(x, local, ws, layer, own, n_local, **run)
     return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights)
@@ -217,7 +217,8 @@ def _grouped(x, experts, ws, layer, own, n_experts, implementation, interpret) -
 
 
 def _gathered(x, experts, ws, layer, implementation, interpret) -> Float[Array, "N k D"]:
-    """Few routed rows (decode): each row times its chosen expert's weights, read in place."""
+    """Few routed rows (decode): each row times its chosen expert's weights, read in place; a row of no expert of
+    these weights (index E: another device's) gives 0 and reads nothing."""
     n, k = experts.shape
     rows = jnp.repeat(x, k, axis=0)
     gm = functools.partial(gathered_matmul, groups=experts.reshape(-1), layer=layer, implementation=implementation,

@@ -7,6 +7,8 @@ materialises a custom call's sliced operand: all G matrices, on every call)."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from ic_jax.ops import dispatch
 from ic_jax.ops.grouped_matmul import gpu, reference
 
@@ -33,8 +35,9 @@ def gathered_matmul(x, w, groups, *, layer=None, implementation: str | None = No
     """See `reference.gathered_matmul` for the contract; `implementation` picks the kernel. With `layer`, w is a
     stack [R, G, K, N] and `groups` index w[layer]: every implementation sees the flat stack [R * G, K, N] and
     the groups offset into it, so that XLA too gathers only the chosen matrices."""
-    if layer is not None:
-        groups = groups + layer * w.shape[1]
+    if layer is not None:  # a group outside this layer's [0, G) must stay outside the flat stack too
+        G = w.shape[1]
+        groups = jnp.where((groups >= 0) & (groups < G), groups + layer * G, -1)
         w = w.reshape(-1, *w.shape[2:])
     return dispatch.call("gathered_matmul", GATHERED_IMPLEMENTATIONS, (x, w, groups),
                          implementation=implementation, interpret=interpret)

@@ -22,7 +22,10 @@ def grouped_matmul(x: Float[Array, "M K"], w: Float[Array, "*R G K N"], group_si
 
 
 def gathered_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], groups: Int[Array, "M"]) -> Float[Array, "M N"]:
-    """Row i times w[groups[i]] (rows in any order, groups may repeat). Accumulates in float32, returns x.dtype.
+    """Row i times w[groups[i]] (rows in any order, groups may repeat); a row whose group is outside [0, G) (an
+    expert of another device) gives 0. Accumulates in float32, returns x.dtype.
 
     XLA gathers the chosen matrices (a copy of each) before the product."""
-    return jnp.einsum("mk,mkn->mn", x, w[groups], preferred_element_type=jnp.float32).astype(x.dtype)
+    G = w.shape[0]
+    out = jnp.einsum("mk,mkn->mn", x, w[jnp.clip(groups, 0, G - 1)], preferred_element_type=jnp.float32)
+    return jnp.where(((groups >= 0) & (groups < G))[:, None], out, 0).astype(x.dtype)

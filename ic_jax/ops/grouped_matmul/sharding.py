@@ -7,13 +7,15 @@ same `expert_axes`) and every token of its sequences; it multiplies the tokens r
 "tensor": one all-reduce of [N, D] per MoE layer, and no device reads another's experts.
 
 With the experts over "data" too (SGLang's data-parallel attention with expert-parallel MoE), the tokens of every
-data shard must meet every expert: the rows are gathered over "data" first, and the sum over "data" is scattered
-back to the rows' owners (a reduce-scatter); rows whole on every device (one sequence's decode) need no gather.
+data shard must meet every expert: the rows (with their experts and weights, in one collective) are gathered over
+"data" first, and the sum over "data" is scattered back to the rows' owners (a reduce-scatter); rows whole on every
+device (one sequence's decode) need no gather.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ic_jax.ops.common import per_shard, split_axes
@@ -43,7 +45,7 @@ def expert_parallel(mesh, local_ffn, x, experts, weights, w_gate, w_up, w_down, 
 
     def local(x, experts, weights, w_gate, w_up, w_down, layer):
         if gathered:
-            x, experts, weights = (jax.lax.all_gather(v, gathered, axis=0, tiled=True) for v in (x, experts, weights))
+            x, experts, weights = _all_gather_rows((x, experts, weights), gathered)
         first = jax.lax.axis_index(e) * w_gate.shape[-3] if e else 0
         y = local_ffn(x, experts, weights, (w_gate, w_up, w_down), layer, first, E)
         if gathered:
@@ -53,3 +55,18 @@ def expert_parallel(mesh, local_ffn, x, experts, weights, w_gate, w_up, w_down, 
     in_specs = (rows, rows, rows, P(*stack, e, None, f), P(*stack, e, None, f), P(*stack, e, f, None),
                 None if layer is None else P())
     return per_shard(local, mesh, in_specs=in_specs, out_specs=rows)(x, experts, weights, w_gate, w_up, w_down, layer)
+
+
+def _all_gather_rows(arrays, axes):
+    """All-gathers arrays [n, ...] of any dtypes over `axes` as one collective (one launch and one sync instead of
+    one per array): each row's bytes side by side, split and cast back after."""
+    n = arrays[0].shape[0]
+    packed = jnp.concatenate([jax.lax.bitcast_convert_type(a, jnp.uint8).reshape(n, -1) for a in arrays], axis=1)
+    packed = jax.lax.all_gather(packed, axes, axis=0, tiled=True)
+    out, start = [], 0
+    for a in arrays:
+        width = a[:1].nbytes
+        part = packed[:, start:start + width].reshape(-1, *a.shape[1:], *(() if a.itemsize == 1 else (a.itemsize,)))
+        out.append(jax.lax.bitcast_convert_type(part, a.dtype))
+        start += width
+    return out
