@@ -45,6 +45,9 @@ def parse_args(argv):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config JSON or preset name (tiny, glm47_flash_dsa, deepseek_v32, "
                                                    "glm5)")
+    p.add_argument("--layers", type=positive_int,
+                   help="plan the model's first N layers only (as bench --layers: a model too large for the devices "
+                        "at hand, measured on fewer layers)")
     p.add_argument("--pattern", help="IndexCache pattern (as in generate; default all F)")
     p.add_argument("--mesh", default="", help="device mesh as axis=size over data,tensor,expert (default: one device)")
     add_expert_parallel_data_argument(p)
@@ -72,6 +75,8 @@ def checked(a):
     from ic_jax.model.pattern import parse_pattern
 
     cfg = load_config(a.config)
+    if a.layers is not None:
+        cfg = cfg.first_layers(a.layers)
     check_context(a.context, cfg, "--context")
     sizes = parse_mesh(a.mesh)
     if a.expert_parallel_data:
@@ -107,7 +112,8 @@ def plan(a) -> dict:
     p = make_plan(model, mesh, a.batch, a.context, a.chunk_size, opts)
     compile_s = time.perf_counter() - t0
     capacity = DEVICE_MEMORY[a.device]
-    return {"config": a.config, "pattern": pattern, "mesh": {k: v for k, v in sizes.items() if v > 1} or {"data": 1},
+    return {"config": a.config, "layers": cfg.num_hidden_layers, "pattern": pattern,
+            "mesh": {k: v for k, v in sizes.items() if v > 1} or {"data": 1},
             "expert_parallel_data": a.expert_parallel_data, "devices": mesh.size, "device": a.device,
             "device_bytes": capacity, "batch": p.batch, "context": p.context,
             "chunk": p.chunk, "impl": opts.implementation or "auto", "params_bytes": p.params, "cache_bytes": p.cache,
@@ -124,8 +130,9 @@ def table(r: dict) -> str:
             ("prefill chunk temporaries", r["prefill_temp_bytes"]), ("decode step temporaries", r["decode_temp_bytes"]),
             ("total (params + caches + larger temporaries)", r["total_bytes"])]
     layout = ", experts over data too" if r["expert_parallel_data"] else ""
-    lines = [f"{r['config']} on {r['devices']} x {r['device']} ({mesh}{layout}), batch {r['batch']} x context "
-             f"{r['context']}, chunk {r['chunk']}, impl {r['impl']}, compiled for {r['compiled_for']}: per device"]
+    lines = [f"{r['config']} ({r['layers']} layers) on {r['devices']} x {r['device']} ({mesh}{layout}), batch "
+             f"{r['batch']} x context {r['context']}, chunk {r['chunk']}, impl {r['impl']}, compiled for "
+             f"{r['compiled_for']}: per device"]
     lines += [f"  {name:<46} {v / gb:10.2f} GB" for name, v in rows]
     verdict = "fits" if r["fits"] else "does NOT fit"
     if r["backend"] == "cpu":

@@ -170,6 +170,15 @@ def test_replace_validates():
         load_config("tiny").replace(num_attention_heads=0)
 
 
+def test_first_layers_keeps_the_leading_dense_layers():
+    """DeepSeek-V3.2's 3 dense layers lead its 61: its first 12 layers are 3 dense and 9 MoE, its first 2 both dense."""
+    cfg = load_config("deepseek_v32")
+    twelve, two = cfg.first_layers(12), cfg.first_layers(2)
+    assert [twelve.is_moe(i) for i in range(12)] == [False] * 3 + [True] * 9
+    assert (two.num_hidden_layers, two.has_moe_layers, two.has_dense_layers) == (2, False, True)
+    assert twelve.replace(num_hidden_layers=61, first_k_dense_replace=3) == cfg  # nothing else changed
+
+
 FILES = {
     "not_utf8": ("not UTF-8", "{\"hidden_size\": \"\xe9\"}".encode("latin-1")),
     "not_json": ("not valid JSON", b"{hidden_size: 64}"),

@@ -39,8 +39,9 @@ def shard_bytes_by_hand(shape, axes, itemsize) -> int:
 
 
 def test_plan_of_a_sharded_tiny_model_matches_the_shapes():
-    cfg = load_config("tiny")
-    r = run_plan("--config", "tiny", "--mesh", "data=2,tensor=2", "--context", "256", "--batch", "2",
+    """--layers 3 plans the first 3 layers of tiny (its one dense layer, then MoE layers)."""
+    cfg = load_config("tiny").replace(num_hidden_layers=3)
+    r = run_plan("--config", "tiny", "--layers", "3", "--mesh", "data=2,tensor=2", "--context", "256", "--batch", "2",
                  "--chunk-size", "64", "--json")
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)

@@ -68,7 +68,7 @@ def add_model_arguments(p: ArgumentParser) -> None:
 def model_config(a):
     cfg = load_config(a.config)
     if a.layers is not None:
-        cfg = cfg.replace(num_hidden_layers=a.layers, first_k_dense_replace=min(cfg.first_k_dense_replace, a.layers))
+        cfg = cfg.first_layers(a.layers)
     return cfg.replace(indexer_fp8=True) if a.indexer_fp8 else cfg
 
 

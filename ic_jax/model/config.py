@@ -114,6 +114,11 @@ class ModelConfig:
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
+    def first_layers(self, n: int) -> "ModelConfig":
+        """The model's first n layers (a quick check, or a model too large for the devices at hand measured on
+        fewer layers): its leading dense layers stay dense."""
+        return self.replace(num_hidden_layers=n, first_k_dense_replace=min(self.first_k_dense_replace, n))
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["rope_scaling"] = self.rope_scaling_dict or None
