@@ -145,8 +145,8 @@ def gathered_matmul(x: Float[Array, "M K"], w: Float[Array, "G K N"], groups: In
                     bn: int = 64, splits: int | None = None, num_warps: int = 4, num_stages: int = 4,
                     interpret: bool = False) -> Float[Array, "M N"]:
     """`reference.gathered_matmul` semantics (a row of no group of w gives 0 and reads no weights); forward only.
-    Nothing is padded: edge blocks are masked. K is cut
-    into `splits` parts (default: enough for about GATHERED_PROGRAMS programs), summed in fp32 afterwards."""
+    Nothing is padded: edge blocks are masked. K is cut into `splits` parts (default: enough for about
+    GATHERED_PROGRAMS programs), summed in fp32 afterwards."""
     (M, K), (G, _, N) = x.shape, w.shape
     bk, bn = min(bk, next_pow2(K)), min(bn, next_pow2(N))
     k_steps = pl.cdiv(K, bk)

@@ -14,6 +14,8 @@ device (one sequence's decode) need no gather.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -65,7 +67,7 @@ def _all_gather_rows(arrays, axes):
     packed = jax.lax.all_gather(packed, axes, axis=0, tiled=True)
     out, start = [], 0
     for a in arrays:
-        width = a[:1].nbytes
+        width = math.prod(a.shape[1:]) * a.itemsize
         part = packed[:, start:start + width].reshape(-1, *a.shape[1:], *(() if a.itemsize == 1 else (a.itemsize,)))
         out.append(jax.lax.bitcast_convert_type(part, a.dtype))
         start += width
