@@ -4,7 +4,6 @@ own shards, and the checkpoint equals a plain one-process conversion. The job re
 run left behind."""
 
 import json
-import subprocess
 import sys
 
 import jax
@@ -15,7 +14,7 @@ from ic_jax.convert import hf_import
 from ic_jax.convert.__main__ import main, work_dir
 from ic_jax.runtime.checkpoint import load_checkpoint, read_config, read_params
 from tests.test_convert import FIXTURES, forward
-from tests.test_multihost import TIMEOUT, cpu_env, free_port
+from tests.test_multihost import run_two_processes
 
 NAME = "glm52"  # FP8 with edge blocks, two shard files, shared layers without indexer weights
 ARGS = ["--hf", str(FIXTURES / NAME), "--dtype", "float32", "--quiet"]
@@ -41,20 +40,9 @@ def test_two_processes_convert_what_one_process_converts(tmp_path, monkeypatch):
     stopped_after_two_units(job, monkeypatch)
     marker = work_dir(job) / "top" / "final_norm.scale.npy"  # a unit done before: the job must keep it as it is
     np.save(marker, np.full_like(np.load(marker), 2.0))
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "ic_jax.convert", *ARGS, "--out", str(job), "--mesh",
-                               "tensor=2,expert=2", "--distributed", "--coordinator", f"localhost:{port}",
-                               "--num-processes", "2", "--process-id", str(i)],
-                              env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:  # a process left waiting for its peer after a timeout is killed, never left to hang
-            p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert f"wrote {job}" in outs[0][0] and outs[1][0] == ""
+    outs = run_two_processes([sys.executable, "-m", "ic_jax.convert", *ARGS, "--out", str(job), "--mesh",
+                              "tensor=2,expert=2"])
+    assert f"wrote {job}" in outs[0] and outs[1] == ""
     assert not work_dir(job).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["job", "plain"]
     for process in (0, 1):  # each process wrote its own shards
         assert any(f.is_file() for f in (job / "params" / f"ocdbt.process_{process}" / "d").iterdir())

@@ -25,10 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_generate_what_one_process_generates():
+def run_two_processes(command: list[str]) -> list[str]:
+    """`command --distributed` as a job of two local processes with two fake CPU devices each; asserts both
+    succeed and returns their stdouts."""
     port = free_port()
-    job = [subprocess.Popen([*GENERATE, "--mesh", "data=2,tensor=2", "--distributed", "--coordinator",
-                             f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+    job = [subprocess.Popen([*command, "--distributed", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                             "--process-id", str(i)],
                             env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
     try:
@@ -38,8 +40,13 @@ def test_two_processes_generate_what_one_process_generates():
             p.kill()
     for p, (_, err) in zip(job, outs):
         assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+
+def test_two_processes_generate_what_one_process_generates():
+    outs = run_two_processes([*GENERATE, "--mesh", "data=2,tensor=2"])
     one = subprocess.run(GENERATE, env=cpu_env(4), capture_output=True, text=True, timeout=TIMEOUT)
     assert one.returncode == 0, one.stderr[-3000:]
     completions = json.loads(one.stdout)["completions"]
-    assert json.loads(outs[0][0])["completions"] == completions and len(completions[0]) > 0
-    assert outs[1][0] == ""
+    assert json.loads(outs[0])["completions"] == completions and len(completions[0]) > 0
+    assert outs[1] == ""
