@@ -58,7 +58,7 @@ from ic_jax.model.pattern import (
 )
 from ic_jax.runtime.stacked import (
     empty_params,
-    layer_shardings,
+    saved_shardings,
     slice_sharding,
     slots,
     target_shardings,
@@ -143,16 +143,13 @@ def place_layers(tree: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
     """The params tree {"top": ..., "layers": [...]} of host arrays on `mesh`, each array in the sharding it takes in
     a model (`param_shardings`, the layer's slice of its stacked param); each process reads only the slices its
     own devices hold."""
-    model = nnx.eval_shape(lambda: DSAModel(cfg, "F" * cfg.num_hidden_layers, nnx.Rngs(0)))
-    shardings = target_shardings(model, mesh)
-    per_layer = layer_shardings(model, shardings)
+    top, per_layer = saved_shardings(cfg, mesh)
 
     def placed(subtree, where):
-        where = flatten_dict(where)
         return jax.tree_util.tree_map_with_path(lambda path, a: jax.make_array_from_callback(
             a.shape, where[_plain(path)], lambda index: np.asarray(a[index])), subtree)
 
-    return {"top": placed(tree["top"], shardings),
+    return {"top": placed(tree["top"], top),
             "layers": [placed(layer, where) for layer, where in zip(tree["layers"], per_layer)]}
 
 
@@ -244,9 +241,7 @@ def read_params(path: Path, saved_cfg: ModelConfig, mesh: Mesh | None = None) ->
     saved = SavedParams(path, saved_cfg)
     if mesh is None:
         return saved.read_all(lambda keys: ocp.RestoreArgs(restore_type=np.ndarray))
-    model = nnx.eval_shape(lambda: DSAModel(saved_cfg, "F" * saved_cfg.num_hidden_layers, nnx.Rngs(0)))
-    shardings = target_shardings(model, mesh)
-    top, per_layer = flatten_dict(shardings), [flatten_dict(where) for where in layer_shardings(model, shardings)]
+    top, per_layer = saved_shardings(saved_cfg, mesh)
 
     def restore_args(keys):
         sharding = top.get(keys[1:]) if keys[0] == "top" else per_layer[keys[1]].get(keys[2:])

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict
 from jax.sharding import (
     Mesh,
     NamedSharding,
@@ -19,6 +20,7 @@ from jax.sharding import (
     SingleDeviceSharding,
 )
 
+from ic_jax.model.config import ModelConfig
 from ic_jax.model.dsa import DSAModel
 from ic_jax.runtime.sharding import param_shardings
 
@@ -38,10 +40,15 @@ def target_shardings(model: DSAModel, mesh: Mesh | None) -> dict:
     return jax.tree.map(lambda _: one, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def layer_shardings(model: DSAModel, shardings: dict) -> list[dict]:
-    """Each layer's params' shardings (its stacked params' `shardings` without the stacking axis), in layer order."""
-    return [jax.tree.map(lambda s: slice_sharding(s, 1), shardings["groups"][g]["blocks"][pos])
-            for _, (g, pos, _) in sorted(slots(model).items())]
+def saved_shardings(cfg: ModelConfig, mesh: Mesh) -> tuple[dict, list[dict]]:
+    """Where a model of `cfg` on `mesh` places the arrays of a per-layer params tree {"top", "layers"} (a checkpoint's
+    layout): the flat shardings by path of the top-level params, and of each layer's (its stacked params' shardings
+    without the stacking axis). All F, so that every layer's indexer has one."""
+    model = nnx.eval_shape(lambda: DSAModel(cfg, "F" * cfg.num_hidden_layers, nnx.Rngs(0)))
+    shardings = target_shardings(model, mesh)
+    layers = [flatten_dict(jax.tree.map(lambda s: slice_sharding(s, 1), shardings["groups"][g]["blocks"][pos]))
+              for _, (g, pos, _) in sorted(slots(model).items())]
+    return flatten_dict(shardings), layers
 
 
 def slice_sharding(sharding: Sharding, depth: int) -> Sharding:
