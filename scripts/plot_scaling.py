@@ -30,8 +30,6 @@ def points(runs: list[dict], value: str) -> dict[str, dict[int, float]]:
     ones: dict[str, float] = {}
     for run in runs:
         for row in run["rows"]:
-            if value not in row:
-                continue
             if run["devices"] == 1:
                 ones[name(row, run["layers"])] = row[value]
             else:
